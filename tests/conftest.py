@@ -31,7 +31,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def parity_dir() -> Path | None:
     """Directory of the official parity vectors, or None when this checkout has none."""
     env = os.environ.get("VISIONATTN_PARITY_DIR")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "parity", REPO / ".gpu" / "parity"]:
+    for cand in ([Path(env)] if env else []) + [
+        REPO.parent / "shared" / "parity",
+        REPO / ".gpu" / "parity",
+    ]:
         if cand.is_dir():
             return cand
     return None

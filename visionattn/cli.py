@@ -79,7 +79,10 @@ def cmd_list(argv: list[str]) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print(f"no model matches {args.filter!r}" + (f" in family {args.family!r}" if args.family else ""))
+        print(
+            f"no model matches {args.filter!r}"
+            + (f" in family {args.family!r}" if args.family else "")
+        )
         return 1
     header = ("model", "family", "params (M)", "input", "pretrained tags")
     table = [
@@ -109,7 +112,9 @@ def cmd_convert(argv: list[str]) -> int:
         "(config.json + model.safetensors) that timm.create_model('local-dir:<out>') loads.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--family", help="official family: nat, dinat, biformer, focalnet, efficientvit")
+    src.add_argument(
+        "--family", help="official family: nat, dinat, biformer, focalnet, efficientvit"
+    )
     src.add_argument("--timm-model", help="timm model name whose checkpoint this is")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     p.add_argument("out", help="output folder")
@@ -132,7 +137,9 @@ def cmd_convert(argv: list[str]) -> int:
     else:
         model = convert.from_timm(args.timm_model, ckpt)
     out = hub.save_hub_folder(model, args.out, model_args=getattr(model, "model_args", None))
-    print(f"wrote {out}/config.json and {out}/model.safetensors ({model.pretrained_cfg['architecture']})")
+    print(
+        f"wrote {out}/config.json and {out}/model.safetensors ({model.pretrained_cfg['architecture']})"
+    )
     return 0
 
 
@@ -171,7 +178,9 @@ def cmd_export(argv: list[str]) -> int:
     if base not in visionattn.list_models():
         p.error(f"model: {base!r} is not a visionattn model (see `visionattn list`)")
     kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = timm.create_model(args.model, pretrained=args.weights is None and "." in args.model, **kw)
+    model = timm.create_model(
+        args.model, pretrained=args.weights is None and "." in args.model, **kw
+    )
     if args.weights:
         hub.load_weights(model, args.weights)
     hub.save_hub_folder(model, args.out, model_args=kw or None)
