@@ -1,4 +1,4 @@
-"""The ``visionattn`` command: list | train | validate | bench | convert | export.
+"""The ``visionattn`` command: list | train | validate | bench | convert | export | card.
 
 ``train``, ``validate`` and ``bench`` parse their own arguments (``visionattn train -h``).
 """
@@ -188,10 +188,28 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_card(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="visionattn card", description="Write model cards (markdown).")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard on model names")
+    p.add_argument("--out", default="model_cards", help="output folder (default: model_cards)")
+    p.add_argument("--include-tiny", action="store_true", help="also the test_* variants")
+    args = p.parse_args(argv)
+
+    from visionattn.cards import write_cards
+
+    paths = write_cards(args.out, args.pattern, include_tiny=args.include_tiny)
+    if not paths:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(paths)} cards to {args.out}")
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": cmd_list,
     "convert": cmd_convert,
     "export": cmd_export,
+    "card": cmd_card,
 }
 
 _USAGE = """usage: visionattn <command> [args]
@@ -204,6 +222,7 @@ commands:
   bench kernels   the attention-kernel benchmark table (needs a CUDA GPU)
   convert         official/timm checkpoint -> timm Hub folder
   export          registered model -> timm Hub folder
+  card            write model cards (markdown) for registered models
 
 `visionattn <command> -h` for a command's options."""
 

@@ -96,3 +96,13 @@ def test_hub_errors(tmp_path: Path) -> None:
         hub.save_hub_folder(torch.nn.Linear(2, 2), tmp_path / "x")
     with pytest.raises(ValueError, match="file"):
         hub.load_weights(torch.nn.Linear(2, 2), tmp_path / "missing.safetensors")
+
+
+def test_card_command(tmp_path: Path) -> None:
+    name = visionattn.list_models()[0] if not TINY else TINY[0]
+    assert main(["card", name, "--out", str(tmp_path), "--include-tiny"]) == 0
+    text = (tmp_path / f"{name}.md").read_text()
+    fam = visionattn.model_family(name)
+    assert f"# {name}" in text and f"Family **{fam}**" in text
+    assert "| parameters |" in text and "features_only=True" in text
+    assert main(["card", "zzz_none_*", "--out", str(tmp_path)]) == 1

@@ -1,0 +1,1 @@
+"""Classification training, validation and model benchmarks (``visionattn train|validate|bench models``)."""
