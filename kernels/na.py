@@ -1,0 +1,320 @@
+"""Neighbourhood (local) attention: public API, validation, dispatch, custom ops, autograd.
+
+``na1d/na2d/na3d`` cover NAT/DiNAT (clamped, dilated, relative-position bias), MaxViT block
+(``kernel_size=stride=window``) and grid (``kernel_size=stride=grid``,
+``dilation=size//grid``), HaloNet (``kernel_size=block+2*halo``, ``stride=block``,
+``border="zero"``) and other windowed attention. Window semantics are documented in
+:mod:`visionattn.kernels._common` and in :func:`na2d`.
+
+The computation runs through two ``torch.library`` custom ops (``visionattn::na_fwd`` and
+``visionattn::na_bwd``) with fake implementations, so ``torch.compile(fullgraph=True)`` traces
+through them. Each op picks its implementation from the device: the Triton kernels on CUDA
+(float16/bfloat16/float32), the chunked PyTorch reference elsewhere (and for float64). The
+environment variable ``VISIONATTN_NA_IMPL`` (``auto``/``triton``/``reference``) overrides
+the choice, e.g. to run the Triton kernels on CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import NAParams, check_na_args, window_tables
+from .na_reference import reference_backward, reference_forward
+
+try:  # Triton is optional (CPU-only installs); the reference covers every case.
+    from . import na_triton as _tri
+except Exception:  # pragma: no cover - depends on the install
+    _tri = None
+
+__all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]
+
+
+def _impl_choice() -> str:
+    choice = os.environ.get("VISIONATTN_NA_IMPL", "auto").lower()
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(
+            f"VISIONATTN_NA_IMPL must be 'auto', 'triton' or 'reference', got {choice!r}"
+        )
+    return choice
+
+
+def _use_triton(q: Tensor) -> bool:
+    choice = _impl_choice()
+    if choice == "reference" or _tri is None:
+        return False
+    if choice == "triton":
+        return q.dtype != torch.float64
+    return q.is_cuda and q.dtype != torch.float64 and _tri.supported(q)
+
+
+def _params(
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    is_causal: Sequence[bool],
+    zero_border: bool,
+    scale: float,
+) -> NAParams:
+    return NAParams(
+        tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal), zero_border, scale
+    )
+
+
+@torch.library.custom_op("visionattn::na_fwd", mutates_args=())
+def _na_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    is_causal: Sequence[bool],
+    zero_border: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    p = _params(kernel_size, stride, dilation, is_causal, zero_border, scale)
+    if _use_triton(q):
+        return _tri.forward(q, k, v, bias, p)
+    return reference_forward(q, k, v, bias, p)
+
+
+@_na_fwd.register_fake
+def _na_fwd_fake(q, k, v, bias, kernel_size, stride, dilation, is_causal, zero_border, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("visionattn::na_bwd", mutates_args=())
+def _na_bwd(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    is_causal: Sequence[bool],
+    zero_border: bool,
+    scale: float,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = _params(kernel_size, stride, dilation, is_causal, zero_border, scale)
+    # d lse / d logits = P, so an lse gradient only shifts the row term of
+    # dS = P * (dP - delta): both implementations use delta = sum(dout * out) - dlse.
+    if _use_triton(q):
+        dq, dk, dv, dbias = _tri.backward(dout, dlse, q, k, v, out, lse, bias, p, need_dbias)
+    else:
+        dq, dk, dv, dbias = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_dbias)
+    if dbias is None:
+        dbias = q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dbias
+
+
+@_na_bwd.register_fake
+def _na_bwd_fake(
+    dout, dlse, q, k, v, out, lse, bias, kernel_size, stride, dilation, is_causal, zero_border,
+    scale, need_dbias,
+):  # fmt: skip
+    if need_dbias:
+        n = math.prod(q.shape[1:-2])
+        dbias = q.new_empty(q.shape[0], q.shape[-2], n, math.prod(kernel_size), dtype=torch.float32)
+    else:
+        dbias = q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, kernel_size, stride, dilation, is_causal, zero_border, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.args = (list(kernel_size), list(stride), list(dilation), list(is_causal), zero_border)
+    ctx.scale = scale
+    ctx.bias_shape = None if bias is None else tuple(bias.shape)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    need_dbias = bool(ctx.bias_needs_grad and ctx.needs_input_grad[3])
+    dq, dk, dv, ds = _na_bwd(dout, dlse, q, k, v, out, lse, bias, *ctx.args, ctx.scale, need_dbias)
+    dbias = None
+    if need_dbias:
+        bb, hb = ctx.bias_shape[0], ctx.bias_shape[1]
+        if bb == 1 and ds.shape[0] != 1:
+            ds = ds.sum(0, keepdim=True)
+        if hb == 1 and ds.shape[1] != 1:
+            ds = ds.sum(1, keepdim=True)
+        dbias = ds.to(bias.dtype)
+    return dq, dk, dv, dbias, None, None, None, None, None, None
+
+
+torch.library.register_autograd("visionattn::na_fwd", _backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_rel(spatial: tuple[int, ...], p: NAParams, device: str) -> Tensor:
+    return window_tables(spatial, p, device)[3]
+
+
+def _rel_table(spatial: tuple[int, ...], p: NAParams, device: torch.device) -> Tensor:
+    if torch.compiler.is_compiling():
+        return window_tables(spatial, p, device)[3]
+    return _cached_rel(spatial, p._replace(scale=1.0), str(device))
+
+
+def _combined_bias(
+    q: Tensor, spatial: tuple[int, ...], p: NAParams, rpb: Tensor | None, attn_bias: Tensor | None
+) -> Tensor | None:
+    """rpb (gathered into window layout) + attn_bias as one [B|1, h|1, N, K] logit bias."""
+    n, kk = math.prod(spatial), math.prod(p.kernel_size)
+    bias = None
+    if rpb is not None:
+        rel = _rel_table(spatial, p, q.device)
+        bias = rpb.reshape(rpb.shape[0], -1)[:, rel].unsqueeze(0)  # [1, h, N, K]
+    if attn_bias is not None:
+        ab = attn_bias.reshape(attn_bias.shape[0], attn_bias.shape[1], n, kk)
+        bias = ab if bias is None else bias + ab
+    return bias
+
+
+def neighborhood_attention(
+    n_dims: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+    rpb: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    scale: float | None = None,
+    border: str = "clamp",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Rank-generic entry point behind :func:`na1d`, :func:`na2d` and :func:`na3d`."""
+    if n_dims not in (1, 2, 3):
+        raise ValueError(f"n_dims must be 1, 2 or 3, got {n_dims}")
+    p = check_na_args(
+        n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
+    )
+    spatial = tuple(q.shape[1 : 1 + n_dims])
+    bias = _combined_bias(q, spatial, p, rpb, attn_bias)
+    out, lse = _na_fwd(
+        q, k, v, bias, list(p.kernel_size), list(p.stride), list(p.dilation),
+        list(p.is_causal), p.zero_border, p.scale,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+_DOC = """{n}-D neighbourhood attention.
+
+    Args:
+        q, k: ``[B, {dims}, heads, head_dim]``; v: ``[B, {dims}, heads, head_dim_v]`` (v may have
+            its own head dim). Any strides (e.g. views of a fused qkv projection). Same dtype
+            (float16/bfloat16/float32/float64) and device.
+        kernel_size: window size per axis (int or tuple).
+        stride: queries in a stride group (``i' // stride``) share the window of the group's
+            leader. ``kernel_size == stride`` gives non-overlapping windows (MaxViT block,
+            Swin-style); adding ``dilation = size // window`` gives MaxViT's grid attention.
+        dilation: queries and keys interact only inside dilation groups ``i % dilation``.
+        is_causal: per-axis causal masking (keys after the query along that axis are masked).
+        rpb: optional relative-position bias table ``[heads, {tbl}]`` indexed by
+            ``(key - query) / dilation + kernel_size - 1`` per axis (NATTEN <= 0.17
+            convention); differentiable.
+        attn_bias: optional additive logit bias ``[B or 1, heads or 1, {dims}, {ks}]``: one value
+            per (query, window position), window positions in the row-major order of the
+            window's keys (offset from the window start along each axis); differentiable.
+        scale: logit scale, default ``head_dim ** -0.5``.
+        border: ``"clamp"`` (NATTEN: the window is shifted inside the map, every query sees
+            ``kernel_size`` keys) or ``"zero"`` (the window is centred on the query/stride
+            leader without shifting; positions outside the map are zero keys and values that
+            stay in the softmax, as with zero padding: HaloNet, padded windows). With
+            ``"zero"`` and a stride that does not divide the map, the leader of the last,
+            partial stride group is the centre of the full stride tile, so windows keep tiling
+            the map.
+        return_lse: also return the natural-log sum-exp of the scaled logits,
+            ``[B, {dims}, heads]`` float32, for :func:`merge_attentions`.
+
+    Returns:
+        ``out [B, {dims}, heads, head_dim_v]`` (q's dtype), and ``lse`` if ``return_lse``.
+    """
+
+
+def na1d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+    rpb: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    scale: float | None = None,
+    border: str = "clamp",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    return neighborhood_attention(
+        1, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border,
+        return_lse,
+    )  # fmt: skip
+
+
+def na2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+    rpb: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    scale: float | None = None,
+    border: str = "clamp",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    return neighborhood_attention(
+        2, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border,
+        return_lse,
+    )  # fmt: skip
+
+
+def na3d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+    rpb: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    scale: float | None = None,
+    border: str = "clamp",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    return neighborhood_attention(
+        3, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border,
+        return_lse,
+    )  # fmt: skip
+
+
+na1d.__doc__ = _DOC.format(n=1, dims="L", tbl="2k-1", ks="k")
+na2d.__doc__ = _DOC.format(n=2, dims="H, W", tbl="2kh-1, 2kw-1", ks="kh, kw")
+na3d.__doc__ = _DOC.format(n=3, dims="D, H, W", tbl="2kd-1, 2kh-1, 2kw-1", ks="kd, kh, kw")
