@@ -25,6 +25,13 @@ usual conventions:
 
 Attention runs on ``visionattn.kernels``: BRA on the routed block-sparse kernel (no gathered
 copies of keys/values), the global stage on ``scaled_dot_product_attention``.
+
+Numerics: in float32 a converted official checkpoint reproduces the official logits and stage
+features to ~1e-6 (summation order inside the fused kernels differs). Routing is a hard top-k
+on region affinities, so where two regions' affinities are closer than the rounding error
+(~1e-6 in float32, ~1e-2 relative in bfloat16 autocast) the chosen regions may differ from the
+official ones; that choice is equally arbitrary in the official code (its own float32 and
+bfloat16 runs disagree there too) and cannot be made identical without its exact kernels.
 """
 
 from __future__ import annotations
