@@ -295,7 +295,12 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # x + dwconv(x) as one conv: the identity joins the kernel's centre tap, which
+            # saves a full pass over the map (same function, same weights and gradients)
+            pe = self.pos_embed
+            w = pe.weight + F.pad(pe.weight.new_ones(1, 1, 1, 1), (1, 1, 1, 1))
+            x = F.conv2d(x.permute(0, 3, 1, 2), w, pe.bias, padding=1, groups=pe.groups)
+            x = x.permute(0, 2, 3, 1)
         if self.pre_norm:
             x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
             x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
