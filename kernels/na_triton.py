@@ -1,0 +1,573 @@
+"""Triton kernels for neighbourhood attention (forward, backward dq + dbias, backward dk/dv).
+
+Every problem is handled as 3-D: 1-D and 2-D maps get leading unit axes (length 1, kernel 1).
+All index arithmetic runs in dilation-group coordinates (see :mod:`._common`), so dilation
+costs nothing beyond a different address computation.
+
+Forward / dq: one program per (query tile, head, batch). A query tile is a box of
+``TQ0 x TQ1 x TQ2`` group coordinates (``QSTEP_a <= TQ_a`` of them valid per axis, so tiles
+can follow stride groups, e.g. 7x7 MaxViT windows in 8x8 boxes). Window starts are monotone
+in the query coordinate, so the union of the tile's windows is the box from the first
+query's window start to the last query's window end; the kernel walks that box in
+``KB0 x KB1 x KB2`` key blocks with tensor-core dots and an online (base-2) softmax, masking
+each (query, key) pair by window membership, causality and the map border. With
+``border="zero"`` the box may leave the map: masked loads give zero keys/values whose logits
+(0 + bias) stay in the softmax, exactly the zero-padding semantics.
+
+dk/dv: one program per key tile; a window always contains its query, so the queries that
+can see a key lie within ``kernel - 1`` of it per axis; the kernel walks that box in query
+blocks and recomputes P^T from the saved lse.
+
+The logit bias (rpb gathered to window layout and/or attn_bias) is ``[B|1, h|1, N, K]`` and
+is gathered per (query, window position); the dq kernel writes dS in the same layout, which
+is the bias gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import NAParams, next_pow2
+
+__all__ = ["backward", "forward", "supported"]
+
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+def supported(q: Tensor) -> bool:
+    """Whether the Triton path handles this input (else the reference is used)."""
+    return q.shape[-1] <= _MAX_HEAD_DIM
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _win_start(ip, lg, K, S, CAUSAL: tl.constexpr, ZERO: tl.constexpr):
+    """Group-coordinate window start of queries ``ip`` on one axis (see _common)."""
+    if CAUSAL:
+        lead = (ip // S) * S + S - 1
+        if not ZERO:
+            lead = tl.minimum(lead, lg - 1)
+        start = lead - K + 1
+    else:
+        lead = (ip // S) * S + S // 2
+        if not ZERO:
+            lead = tl.minimum(lead, lg - 1)
+        start = lead - K // 2
+        if not ZERO:
+            start = tl.minimum(tl.maximum(start, 0), lg - K)
+    return start
+
+
+@triton.jit
+def _axis_mask(qp, start, kp, lg, K, CAUSAL: tl.constexpr, ZERO: tl.constexpr):
+    """[M, N] mask: key ``kp`` (group coords, [1, N]) takes part for query ``qp`` ([M, 1])."""
+    t = kp - start
+    m = (t >= 0) & (t < K)
+    if CAUSAL:
+        m = m & (kp <= qp)
+    if not ZERO:
+        m = m & (kp >= 0) & (kp < lg)
+    return m
+
+
+@triton.jit
+def _decode3(r, T1: tl.constexpr, T2: tl.constexpr):
+    return r // (T1 * T2), (r // T2) % T1, r % T2
+
+
+@triton.jit
+def _tile_ids(pid, NT0, NT1, NT2, D1, D2):
+    """Program id -> (dilation group, tile) per axis; tiles vary fastest for L2 locality."""
+    t2 = pid % NT2
+    pid = pid // NT2
+    t1 = pid % NT1
+    pid = pid // NT1
+    t0 = pid % NT0
+    pid = pid // NT0
+    g2 = pid % D2
+    pid = pid // D2
+    g1 = pid % D1
+    g0 = pid // D1
+    return g0, g1, g2, t0, t1, t2
+
+
+# ----------------------------------------------------------------------------- forward / dq
+@triton.jit
+def _na_fwd_kernel(
+    Q, Kp, V, Out, LSE, BIAS, DO, DELTA, DQ, DBIAS,
+    sqb, sq0, sq1, sq2, sqh, sqd,
+    skb, sk0, sk1, sk2, skh, skd,
+    svb, sv0, sv1, sv2, svh, svd,
+    sob, so0, so1, so2, soh, sod,
+    sgb, sg0, sg1, sg2, sgh, sgd,
+    sbb, sbh,
+    H, L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+    NT0, NT1, NT2, QSTEP0, QSTEP1, QSTEP2,
+    scale2, dk_real, dv_real,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DQ and optionally DBIAS)."""
+    BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
+    BLOCK_N: tl.constexpr = KB0 * KB1 * KB2
+    pid = tl.program_id(0)
+    h = pid % H
+    g0, g1, g2, t0, t1, t2 = _tile_ids(pid // H, NT0, NT1, NT2, D1, D2)
+    b = tl.program_id(1).to(tl.int64)
+    lg0 = (L0 - g0 + D0 - 1) // D0
+    lg1 = (L1 - g1 + D1 - 1) // D1
+    lg2 = (L2 - g2 + D2 - 1) // D2
+
+    r = tl.arange(0, BLOCK_M)
+    r0, r1, r2 = _decode3(r, TQ1, TQ2)
+    qp0 = t0 * QSTEP0 + r0
+    qp1 = t1 * QSTEP1 + r1
+    qp2 = t2 * QSTEP2 + r2
+    row_ok = (r0 < QSTEP0) & (r1 < QSTEP1) & (r2 < QSTEP2) & (qp0 < lg0) & (qp1 < lg1)
+    row_ok = row_ok & (qp2 < lg2)
+    qi0 = qp0 * D0 + g0
+    qi1 = qp1 * D1 + g1
+    qi2 = qp2 * D2 + g2
+    st0 = _win_start(qp0, lg0, K0, S0, C0, ZERO)
+    st1 = _win_start(qp1, lg1, K1, S1, C1, ZERO)
+    st2 = _win_start(qp2, lg2, K2, S2, C2, ZERO)
+
+    # Box of keys covering every window of the tile (first valid to last valid query).
+    last0 = tl.minimum(t0 * QSTEP0 + QSTEP0, lg0) - 1
+    last1 = tl.minimum(t1 * QSTEP1 + QSTEP1, lg1) - 1
+    last2 = tl.minimum(t2 * QSTEP2 + QSTEP2, lg2) - 1
+    lo0 = _win_start(t0 * QSTEP0, lg0, K0, S0, C0, ZERO)
+    lo1 = _win_start(t1 * QSTEP1, lg1, K1, S1, C1, ZERO)
+    lo2 = _win_start(t2 * QSTEP2, lg2, K2, S2, C2, ZERO)
+    hi0 = _win_start(last0, lg0, K0, S0, C0, ZERO) + K0
+    hi1 = _win_start(last1, lg1, K1, S1, C1, ZERO) + K1
+    hi2 = _win_start(last2, lg2, K2, S2, C2, ZERO) + K2
+
+    dq_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    q_off = b * sqb + qi0 * sq0 + qi1 * sq1 + qi2 * sq2 + h * sqh
+    q = tl.load(
+        Q + q_off[:, None] + dq_[None, :] * sqd,
+        mask=row_ok[:, None] & (dq_[None, :] < dk_real),
+        other=0.0,
+    )
+    qflat = (qi0 * L1 + qi1) * L2 + qi2
+    KT = K0 * K1 * K2
+    NTOK = L0 * L1 * L2
+    if HAS_BIAS:
+        bias_row = BIAS + b * sbb + h * sbh + qflat * KT
+    o_row = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
+    lse_off = ((b * NTOK + qflat) * H + h).to(tl.int64)
+
+    if BWD:
+        lse2 = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+        do = tl.load(
+            DO + o_row[:, None] + dv_[None, :] * sod,
+            mask=row_ok[:, None] & (dv_[None, :] < dv_real),
+            other=0.0,
+        )
+        dq_acc = tl.zeros([BLOCK_M, DK], dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+
+    c = tl.arange(0, BLOCK_N)
+    c0, c1, c2 = _decode3(c, KB1, KB2)
+    for j0 in range(lo0, hi0, KB0):
+        kp0 = j0 + c0
+        m0 = _axis_mask(qp0[:, None], st0[:, None], kp0[None, :], lg0, K0, C0, ZERO)
+        for j1 in range(lo1, hi1, KB1):
+            kp1 = j1 + c1
+            m01 = m0 & _axis_mask(qp1[:, None], st1[:, None], kp1[None, :], lg1, K1, C1, ZERO)
+            for j2 in range(lo2, hi2, KB2):
+                kp2 = j2 + c2
+                mask = m01 & _axis_mask(qp2[:, None], st2[:, None], kp2[None, :], lg2, K2, C2, ZERO)
+                mask = mask & row_ok[:, None]
+                in_map = (kp0 >= 0) & (kp0 < lg0) & (kp1 >= 0) & (kp1 < lg1)
+                in_map = in_map & (kp2 >= 0) & (kp2 < lg2)
+                ki0 = kp0 * D0 + g0
+                ki1 = kp1 * D1 + g1
+                ki2 = kp2 * D2 + g2
+                k_off = b * skb + ki0 * sk0 + ki1 * sk1 + ki2 * sk2 + h * skh
+                kt = tl.load(
+                    Kp + k_off[None, :] + dq_[:, None] * skd,
+                    mask=in_map[None, :] & (dq_[:, None] < dk_real),
+                    other=0.0,
+                )
+                if IEEE:
+                    s = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    s = tl.dot(q, kt)
+                s = s * scale2
+                if HAS_BIAS:
+                    tt = ((kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])) * K2
+                    tt = tt + (kp2[None, :] - st2[:, None])
+                    bv = tl.load(bias_row[:, None] + tt, mask=mask, other=0.0)
+                    s = s + bv.to(tl.float32) * 1.4426950408889634
+                s = tl.where(mask, s, float("-inf"))
+                v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
+                vv = tl.load(
+                    V + v_off[:, None] + dv_[None, :] * svd,
+                    mask=in_map[:, None] & (dv_[None, :] < dv_real),
+                    other=0.0,
+                )
+                if BWD:
+                    p = tl.exp2(s - lse2[:, None])
+                    if IEEE:
+                        dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
+                    else:
+                        dp = tl.dot(do, tl.trans(vv))
+                    ds = p * (dp - delta[:, None])
+                    if WRITE_DBIAS:
+                        tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
+                        tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
+                        dbias_row = DBIAS + ((b * H + h) * NTOK + qflat) * KT
+                        tl.store(dbias_row[:, None] + tt2, ds, mask=mask)
+                    if IEEE:
+                        dq_acc += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+                    else:
+                        dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None]
+                    if IEEE:
+                        acc += tl.dot(p, vv, input_precision="ieee")
+                    else:
+                        acc += tl.dot(p.to(vv.dtype), vv)
+                    m_i = m_new
+
+    if BWD:
+        dq_acc = dq_acc * (scale2 * 0.6931471805599453)
+        dq_off = b * sgb + qi0 * sg0 + qi1 * sg1 + qi2 * sg2 + h * sgh
+        tl.store(
+            DQ + dq_off[:, None] + dq_[None, :] * sgd,
+            dq_acc.to(DQ.dtype.element_ty),
+            mask=row_ok[:, None] & (dq_[None, :] < dk_real),
+        )
+    else:
+        l_safe = tl.where(row_ok, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(
+            Out + o_row[:, None] + dv_[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & (dv_[None, :] < dv_real),
+        )
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+        tl.store(LSE + lse_off, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- dk / dv
+@triton.jit
+def _na_bwd_kv_kernel(
+    Q, Kp, V, LSE, BIAS, DO, DELTA, DK_, DV_,
+    sqb, sq0, sq1, sq2, sqh, sqd,
+    skb, sk0, sk1, sk2, skh, skd,
+    svb, sv0, sv1, sv2, svh, svd,
+    sob, so0, so1, so2, soh, sod,
+    sgb, sg0, sg1, sg2, sgh, sgd,
+    shb, sh0, sh1, sh2, shh, shd,
+    sbb, sbh,
+    H, L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
+    NT0, NT1, NT2,
+    scale2, dk_real, dv_real,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
+    QB0: tl.constexpr, QB1: tl.constexpr, QB2: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
+    BLOCK_M: tl.constexpr = QB0 * QB1 * QB2
+    pid = tl.program_id(0)
+    h = pid % H
+    g0, g1, g2, t0, t1, t2 = _tile_ids(pid // H, NT0, NT1, NT2, D1, D2)
+    b = tl.program_id(1).to(tl.int64)
+    lg0 = (L0 - g0 + D0 - 1) // D0
+    lg1 = (L1 - g1 + D1 - 1) // D1
+    lg2 = (L2 - g2 + D2 - 1) // D2
+
+    c = tl.arange(0, BLOCK_N)
+    c0, c1, c2 = _decode3(c, KT1, KT2)
+    kp0 = t0 * KT0 + c0
+    kp1 = t1 * KT1 + c1
+    kp2 = t2 * KT2 + c2
+    key_ok = (kp0 < lg0) & (kp1 < lg1) & (kp2 < lg2)
+    ki0 = kp0 * D0 + g0
+    ki1 = kp1 * D1 + g1
+    ki2 = kp2 * D2 + g2
+    dq_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    k_off = b * skb + ki0 * sk0 + ki1 * sk1 + ki2 * sk2 + h * skh
+    kk = tl.load(
+        Kp + k_off[:, None] + dq_[None, :] * skd,
+        mask=key_ok[:, None] & (dq_[None, :] < dk_real),
+        other=0.0,
+    )
+    v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
+    vv = tl.load(
+        V + v_off[:, None] + dv_[None, :] * svd,
+        mask=key_ok[:, None] & (dv_[None, :] < dv_real),
+        other=0.0,
+    )
+    dk_acc = tl.zeros([BLOCK_N, DK], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+
+    # Queries that can see this key tile lie within kernel - 1 of it on every axis.
+    lo0 = tl.maximum(t0 * KT0 - K0 + 1, 0)
+    lo1 = tl.maximum(t1 * KT1 - K1 + 1, 0)
+    lo2 = tl.maximum(t2 * KT2 - K2 + 1, 0)
+    hi0 = tl.minimum(t0 * KT0 + KT0 + K0 - 1, lg0)
+    hi1 = tl.minimum(t1 * KT1 + KT1 + K1 - 1, lg1)
+    hi2 = tl.minimum(t2 * KT2 + KT2 + K2 - 1, lg2)
+    KT = K0 * K1 * K2
+    NTOK = L0 * L1 * L2
+
+    r = tl.arange(0, BLOCK_M)
+    r0, r1, r2 = _decode3(r, QB1, QB2)
+    for i0 in range(lo0, hi0, QB0):
+        qp0 = i0 + r0
+        st0 = _win_start(qp0, lg0, K0, S0, C0, ZERO)
+        m0 = _axis_mask(qp0[None, :], st0[None, :], kp0[:, None], lg0, K0, C0, ZERO)
+        for i1 in range(lo1, hi1, QB1):
+            qp1 = i1 + r1
+            st1 = _win_start(qp1, lg1, K1, S1, C1, ZERO)
+            m01 = m0 & _axis_mask(qp1[None, :], st1[None, :], kp1[:, None], lg1, K1, C1, ZERO)
+            for i2 in range(lo2, hi2, QB2):
+                qp2 = i2 + r2
+                st2 = _win_start(qp2, lg2, K2, S2, C2, ZERO)
+                q_ok = (qp0 < hi0) & (qp1 < hi1) & (qp2 < hi2)
+                mask = m01 & _axis_mask(qp2[None, :], st2[None, :], kp2[:, None], lg2, K2, C2, ZERO)
+                mask = mask & q_ok[None, :] & key_ok[:, None]
+                qi0 = qp0 * D0 + g0
+                qi1 = qp1 * D1 + g1
+                qi2 = qp2 * D2 + g2
+                q_off = b * sqb + qi0 * sq0 + qi1 * sq1 + qi2 * sq2 + h * sqh
+                qt = tl.load(
+                    Q + q_off[None, :] + dq_[:, None] * sqd,
+                    mask=q_ok[None, :] & (dq_[:, None] < dk_real),
+                    other=0.0,
+                )
+                o_off = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
+                dot_ = tl.load(
+                    DO + o_off[None, :] + dv_[:, None] * sod,
+                    mask=q_ok[None, :] & (dv_[:, None] < dv_real),
+                    other=0.0,
+                )
+                qflat = (qi0 * L1 + qi1) * L2 + qi2
+                lse_off = (b * NTOK + qflat) * H + h
+                lse2 = tl.load(LSE + lse_off, mask=q_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + lse_off, mask=q_ok, other=0.0)
+                if IEEE:
+                    st = tl.dot(kk, qt, input_precision="ieee")
+                else:
+                    st = tl.dot(kk, qt)
+                st = st * scale2
+                if HAS_BIAS:
+                    tt = ((kp0[:, None] - st0[None, :]) * K1 + (kp1[:, None] - st1[None, :])) * K2
+                    tt = tt + (kp2[:, None] - st2[None, :])
+                    bptr = BIAS + b * sbb + h * sbh + qflat[None, :] * KT + tt
+                    bv = tl.load(bptr, mask=mask, other=0.0)
+                    st = st + bv.to(tl.float32) * 1.4426950408889634
+                pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
+                if IEEE:
+                    dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
+                    dpt = tl.dot(vv, dot_, input_precision="ieee")
+                else:
+                    dv_acc += tl.dot(pt.to(dot_.dtype), tl.trans(dot_))
+                    dpt = tl.dot(vv, dot_)
+                dst = pt * (dpt - delta[None, :])
+                if IEEE:
+                    dk_acc += tl.dot(dst, tl.trans(qt), input_precision="ieee")
+                else:
+                    dk_acc += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+
+    dk_acc = dk_acc * (scale2 * 0.6931471805599453)
+    dk_off = b * sgb + ki0 * sg0 + ki1 * sg1 + ki2 * sg2 + h * sgh
+    tl.store(
+        DK_ + dk_off[:, None] + dq_[None, :] * sgd,
+        dk_acc.to(DK_.dtype.element_ty),
+        mask=key_ok[:, None] & (dq_[None, :] < dk_real),
+    )
+    dv_off = b * shb + ki0 * sh0 + ki1 * sh1 + ki2 * sh2 + h * shh
+    tl.store(
+        DV_ + dv_off[:, None] + dv_[None, :] * shd,
+        dv_acc.to(DV_.dtype.element_ty),
+        mask=key_ok[:, None] & (dv_[None, :] < dv_real),
+    )
+
+
+# ----------------------------------------------------------------------------- host side
+def _pad3(vals: tuple, n: int, fill) -> tuple:
+    return (fill,) * (3 - n) + tuple(vals)
+
+
+def _strides(t: Tensor, n: int) -> tuple[int, ...]:
+    st = t.stride()
+    return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
+
+
+def _lg_max(L: int, d: int) -> int:
+    return -(-L // d)
+
+
+def _tile(lg: int, want: int) -> int:
+    return max(1, min(want, next_pow2(lg, 1)))
+
+
+def _fwd_config(L, K, S, D, n):
+    """Query tile box, its step per axis and the key block box."""
+    want_q = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}[n]
+    want_k = want_q
+    tq = [_tile(_lg_max(L[a], D[a]), want_q[a]) for a in range(3)]
+    # at least 16 rows for tl.dot: grow the innermost non-trivial axis
+    while math.prod(tq) < 16:
+        a = max(i for i in range(3) if L[i] > 1) if any(x > 1 for x in L) else 2
+        tq[a] *= 2
+    qstep = []
+    for a in range(3):
+        step = tq[a]
+        if S[a] > 1 and S[a] <= tq[a]:
+            step = (tq[a] // S[a]) * S[a]  # tiles follow stride groups
+        qstep.append(step)
+    kb = []
+    for a in range(3):
+        extent = min(_lg_max(L[a], D[a]) + K[a], qstep[a] + S[a] + K[a])
+        kb.append(_tile(extent, want_k[a]))
+    while math.prod(kb) < 16:
+        a = max(i for i in range(3) if L[i] > 1) if any(x > 1 for x in L) else 2
+        kb[a] *= 2
+    return tuple(tq), tuple(qstep), tuple(kb)
+
+
+def _kv_config(L, K, D, n):
+    want = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}[n]
+    kt = [_tile(_lg_max(L[a], D[a]), want[a]) for a in range(3)]
+    while math.prod(kt) < 16:
+        a = max(i for i in range(3) if L[i] > 1) if any(x > 1 for x in L) else 2
+        kt[a] *= 2
+    qb = list(kt)
+    return tuple(kt), tuple(qb)
+
+
+def _geometry(q: Tensor, p: NAParams):
+    n = q.dim() - 3
+    L = _pad3(q.shape[1 : 1 + n], n, 1)
+    K = _pad3(p.kernel_size, n, 1)
+    S = _pad3(p.stride, n, 1)
+    D = _pad3(p.dilation, n, 1)
+    C = _pad3(p.is_causal, n, False)
+    return n, L, K, S, D, C
+
+
+def _bias_args(bias: Tensor | None, q: Tensor):
+    if bias is None:
+        return q, 0, 0  # dummy pointer, never read
+    bias = bias.contiguous()
+    bb, hb, n, kt = bias.shape
+    sbb = 0 if bb == 1 else hb * n * kt
+    sbh = 0 if hb == 1 else n * kt
+    return bias, sbb, sbh
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams):
+    """Returns ``(out [B, *S, h, dv], lse [B, *S, h] float32)``."""
+    n, L, K, S, D, C = _geometry(q, p)
+    B, H, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    out = torch.empty(*q.shape[:-1], dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    tq, qstep, kb = _fwd_config(L, K, S, D, n)
+    nt = [-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3)]
+    bias_t, sbb, sbh = _bias_args(bias, q)
+    grid = (math.prod(nt) * math.prod(D) * H, B)
+    _na_fwd_kernel[grid](
+        q, k, v, out, lse, bias_t, q, q, q, q,
+        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(q, n),
+        sbb, sbh,
+        H, *L, *K, *S, *D, *nt, *qstep,
+        p.scale * _LOG2E, dk, dv,
+        C0=C[0], C1=C[1], C2=C[2], ZERO=p.zero_border,
+        HAS_BIAS=bias is not None, BWD=False, WRITE_DBIAS=False,
+        TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2],
+        DK=next_pow2(dk), DV=next_pow2(dv), IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    p: NAParams,
+    need_dbias: bool,
+):
+    """Returns ``(dq, dk, dv, dbias [B, h, N, K] float32 or None)``."""
+    n, L, K, S, D, C = _geometry(q, p)
+    B, H, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dkt = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dvt = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    ntok, kt = math.prod(L), math.prod(K)
+    dbias = None
+    if need_dbias:
+        # causal-masked window positions are never visited: their gradient is zero
+        alloc = torch.zeros if any(C) else torch.empty
+        dbias = alloc(B, H, ntok, kt, dtype=torch.float32, device=q.device)
+    bias_t, sbb, sbh = _bias_args(bias, q)
+    ieee = q.dtype == torch.float32
+    DKp, DVp = next_pow2(dk), next_pow2(dv)
+
+    tq, qstep, kb = _fwd_config(L, K, S, D, n)
+    nt = [-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3)]
+    grid = (math.prod(nt) * math.prod(D) * H, B)
+    _na_fwd_kernel[grid](
+        q, k, v, out, lse, bias_t, dout, delta, dq, dbias if need_dbias else q,
+        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(dout, n), *_strides(dq, n),
+        sbb, sbh,
+        H, *L, *K, *S, *D, *nt, *qstep,
+        p.scale * _LOG2E, dk, dv,
+        C0=C[0], C1=C[1], C2=C[2], ZERO=p.zero_border,
+        HAS_BIAS=bias is not None, BWD=True, WRITE_DBIAS=need_dbias,
+        TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2],
+        DK=DKp, DV=DVp, IEEE=ieee,
+    )  # fmt: skip
+
+    ktile, qb = _kv_config(L, K, D, n)
+    ntk = [-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3)]
+    grid = (math.prod(ntk) * math.prod(D) * H, B)
+    _na_bwd_kv_kernel[grid](
+        q, k, v, lse, bias_t, dout, delta, dkt, dvt,
+        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(dout, n),
+        *_strides(dkt, n), *_strides(dvt, n),
+        sbb, sbh,
+        H, *L, *K, *S, *D, *ntk,
+        p.scale * _LOG2E, dk, dv,
+        C0=C[0], C1=C[1], C2=C[2], ZERO=p.zero_border, HAS_BIAS=bias is not None,
+        KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
+        DK=DKp, DV=DVp, IEEE=ieee,
+    )  # fmt: skip
+    return dq, dkt, dvt, dbias

@@ -1,0 +1,218 @@
+"""Triton neighbourhood-attention kernels vs the PyTorch reference.
+
+* CPU (CI): randomized sweep through the public API with the Triton path forced, run under
+  ``TRITON_INTERPRET=1`` in subprocesses, so the interpreter never leaks into other tests
+  (triton decides interpreted-vs-compiled when a kernel module is imported).
+* GPU (marker ``gpu``): >= 1000 random configs in float32/float16/bfloat16 plus
+  model-sized shapes.
+
+Every config compares the output, lse and the gradients of q, k, v, rpb and attn_bias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_FILE = Path(__file__).resolve()
+
+
+def make_config(rng: random.Random, small: bool) -> dict:
+    n_dims = rng.choices([1, 2, 3], weights=[3, 6, 1] if small else [2, 6, 2])[0]
+    spatial, ks, st, dl, ca = [], [], [], [], []
+    for _ in range(n_dims):
+        kmax = (3 if n_dims == 3 else 5) if small else (5 if n_dims == 3 else 13)
+        k = rng.randint(1, kmax)
+        d = rng.choice([1, 1, 1, 2, 3] if small else [1, 1, 2, 3, 4, 8])
+        extra = rng.randint(0, 3 if small else 24 // n_dims)
+        spatial.append(k * d + extra)
+        ks.append(k)
+        st.append(rng.randint(1, k))
+        dl.append(d)
+        ca.append(rng.random() < 0.2)
+    if small:
+        hd = rng.choice([16, 16, 12, 32])
+        dv = rng.choice([hd, hd, 8, 24])
+    else:
+        hd = rng.choice([16, 32, 64, 128, 12, 24, 48, 80])
+        dv = rng.choice([hd, hd, hd, 16, 40])
+    return dict(
+        spatial=spatial, kernel_size=ks, stride=st, dilation=dl, is_causal=ca,
+        border=rng.choice(["clamp", "zero"]),
+        # the interpreter's cost grows with the grid: mostly one batch element and head
+        batch=(2 if rng.random() < 0.2 else 1) if small else rng.randint(1, 3),
+        heads=(2 if rng.random() < 0.2 else 1) if small else rng.randint(1, 4),
+        head_dim=hd, head_dim_v=dv,
+        rpb=rng.random() < 0.35, attn_bias=rng.choice([None, None, "full", "b1", "h1"]),
+        qkv_view=rng.random() < 0.3, scale=rng.choice([None, 0.2]),
+    )  # fmt: skip
+
+
+def _inputs(cfg: dict, dtype: torch.dtype, device: str, seed: int):
+    from visionattn.kernels import na1d, na2d, na3d
+
+    gen = torch.Generator().manual_seed(seed)
+    n = len(cfg["spatial"])
+    b, h, hd, dv = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["head_dim_v"]
+    shape = (b, *cfg["spatial"], h)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+
+    if cfg["qkv_view"] and dv == hd:
+        qkv = rnd(*shape, 3, hd)
+        q, k, v = (qkv.select(-2, i) for i in range(3))
+    else:
+        q, k, v = rnd(*shape, hd), rnd(*shape, hd), rnd(*shape, dv)
+    extra = {}
+    if cfg["rpb"]:
+        extra["rpb"] = rnd(h, *(2 * x - 1 for x in cfg["kernel_size"]))
+    if cfg["attn_bias"] is not None:
+        bb = 1 if cfg["attn_bias"] == "b1" else b
+        hb = 1 if cfg["attn_bias"] == "h1" else h
+        extra["attn_bias"] = rnd(bb, hb, *cfg["spatial"], *cfg["kernel_size"])
+    op = {1: na1d, 2: na2d, 3: na3d}[n]
+    return op, q, k, v, extra
+
+
+def check_config(cfg: dict, dtype: torch.dtype, device: str, seed: int) -> str | None:
+    """Run the Triton path and the reference on one config; None if they agree."""
+    op, q, k, v, extra = _inputs(cfg, dtype, device, seed)
+    leaves = {"q": q, "k": k, "v": v, **extra}
+    results = {}
+    for impl in ("triton", "reference"):
+        os.environ["VISIONATTN_NA_IMPL"] = impl
+        try:
+            ins = {name: t.detach().clone().requires_grad_(True) for name, t in leaves.items()}
+            if impl == "reference" and dtype != torch.float32:
+                # the oracle for half precision: float32 reference on the same rounded inputs
+                ins = {n_: t.detach().float().requires_grad_(True) for n_, t in ins.items()}
+            out, lse = op(
+                ins["q"], ins["k"], ins["v"], cfg["kernel_size"], cfg["stride"],
+                cfg["dilation"], cfg["is_causal"], rpb=ins.get("rpb"),
+                attn_bias=ins.get("attn_bias"), scale=cfg["scale"], border=cfg["border"],
+                return_lse=True,
+            )  # fmt: skip
+            g = torch.Generator().manual_seed(seed + 1)
+            go = torch.randn(out.shape, generator=g).to(device)
+            gl = torch.randn(lse.shape, generator=g).to(device)
+            loss = (out.float() * go).sum() + (lse * gl).sum()
+            grads = torch.autograd.grad(loss, list(ins.values()))
+            results[impl] = (out.float(), lse, {n_: gr.float() for n_, gr in zip(ins, grads)})
+        finally:
+            os.environ.pop("VISIONATTN_NA_IMPL", None)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    (o1, l1, g1), (o2, l2, g2) = results["triton"], results["reference"]
+    errs = []
+    if not torch.allclose(o1, o2, atol=tol, rtol=tol):
+        errs.append(f"out {(o1 - o2).abs().max().item():.2e}")
+    if not torch.allclose(l1, l2, atol=tol, rtol=tol):
+        errs.append(f"lse {(l1 - l2).abs().max().item():.2e}")
+    for name in g1:
+        a, b_ = g1[name], g2[name]
+        # gradient sums over many terms: scale the tolerance by the gradient's magnitude
+        gtol = tol * max(1.0, b_.abs().max().item())
+        if not torch.allclose(a, b_, atol=gtol, rtol=tol):
+            errs.append(f"d{name} {(a - b_).abs().max().item():.2e}")
+    return "; ".join(errs) or None
+
+
+def run_sweep(seed: int, count: int, small: bool, device: str, dtypes: list[torch.dtype]) -> list:
+    rng = random.Random(seed)
+    failures = []
+    for i in range(count):
+        cfg = make_config(rng, small)
+        dtype = dtypes[i % len(dtypes)]
+        err = check_config(cfg, dtype, device, seed * 100003 + i)
+        if err:
+            failures.append(dict(cfg=cfg, dtype=str(dtype), err=err))
+    return failures
+
+
+# ----------------------------------------------------------------------------- CPU interpreter
+_CHUNKS = 4
+_PER_CHUNK = 52  # 208 configs per CI run
+
+
+@pytest.mark.parametrize("chunk", range(_CHUNKS))
+def test_triton_interpreter_sweep(chunk):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("VISIONATTN_NA_IMPL", None)
+    proc = subprocess.run(
+        [sys.executable, str(_FILE), str(chunk), str(_PER_CHUNK)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["checked"] == _PER_CHUNK
+    assert not result["failures"], json.dumps(result["failures"][:5], indent=1)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_triton_gpu_sweep():
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    failures = run_sweep(2024, 1050, small=False, device="cuda", dtypes=dtypes)
+    assert not failures, json.dumps(failures[:10], indent=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("dinat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[8, 8], head_dim=32)),
+        ("nat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[1, 1], head_dim=32)),
+        ("k13_d64", dict(spatial=[48, 40], kernel_size=[13, 13], dilation=[1, 2], head_dim=64)),
+        (
+            "maxvit_grid",
+            dict(
+                spatial=[56, 56],
+                kernel_size=[7, 7],
+                stride=[7, 7],
+                dilation=[8, 8],
+                head_dim=32,
+                rpb=True,
+            ),
+        ),  # fmt: skip
+        (
+            "halonet",
+            dict(
+                spatial=[64, 64],
+                kernel_size=[14, 14],
+                stride=[8, 8],
+                border="zero",
+                head_dim=64,
+                attn_bias="full",
+            ),
+        ),  # fmt: skip
+        (
+            "na3d",
+            dict(spatial=[8, 16, 16], kernel_size=[3, 5, 5], dilation=[1, 2, 1], head_dim=128),
+        ),  # fmt: skip
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_model_shapes(name, cfg, dtype):
+    full = dict(
+        stride=[1] * len(cfg["spatial"]), dilation=[1] * len(cfg["spatial"]),
+        is_causal=[False] * len(cfg["spatial"]), border="clamp", batch=2, heads=2,
+        head_dim_v=cfg["head_dim"], rpb=False, attn_bias=None, qkv_view=True, scale=None,
+    )  # fmt: skip
+    full.update(cfg)
+    err = check_config(full, dtype, "cuda", 7)
+    assert err is None, err
+
+
+if __name__ == "__main__":  # worker for the interpreter sweep (TRITON_INTERPRET=1 set)
+    chunk, count = int(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    fails = run_sweep(1000 + chunk, count, small=True, device="cpu", dtypes=[torch.float32])
+    print(json.dumps(dict(checked=count, failures=fails)))
