@@ -8,7 +8,8 @@ Public entry point: :func:`routed_attention`.  It validates its inputs, then cal
 ``torch.compile`` traces it without graph breaks); autograd goes through
 ``visionattn::routed_attn_bwd``.  Both ops dispatch by device: Triton kernels on CUDA
 (:mod:`visionattn.kernels.routed_triton`), the chunked pure-PyTorch reference elsewhere
-(:mod:`visionattn.kernels.routed_reference`).
+(:mod:`visionattn.kernels.routed_reference`).  ``VISIONATTN_ROUTED_IMPL``
+(``auto``/``triton``/``reference``) overrides the choice; ``float64`` always takes the reference.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ _TRITON = None
 def _use_triton(x: torch.Tensor) -> bool:
     if x.dtype not in _KERNEL_DTYPES:
         return False
-    backend = os.environ.get("VISIONATTN_ROUTED_BACKEND", "auto")
-    if backend == "reference":
+    choice = os.environ.get("VISIONATTN_ROUTED_IMPL", "auto").lower()
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(
+            f"VISIONATTN_ROUTED_IMPL must be auto, triton or reference, got {choice!r}"
+        )
+    if choice == "reference":
         return False
-    if backend == "triton":  # CPU tensors only work under TRITON_INTERPRET=1
+    if choice == "triton":  # CPU tensors only work with an interpreted (TRITON_INTERPRET=1) copy
         return True
     if not x.is_cuda:
         return False

@@ -1,0 +1,619 @@
+"""Triton kernels for routed (block-sparse) attention over 2-D tiles, forward and backward.
+
+Layout: ``q [B, Hq, Wq, heads, D]``, ``k [B, Hk, Wk, heads, D]``, ``v [B, Hk, Wk, heads, Dv]``
+with arbitrary strides (read in place, e.g. views of one fused qkv projection), indices
+``[B, hi, T, topk]`` (``hi`` 1 = shared by heads, or ``heads``).  See
+:mod:`visionattn.kernels.routed` for the semantics.
+
+Forward (one program per ``BLOCK_M`` query pixels of one query tile and one (batch, head)):
+the keys of the routed tiles are walked as one flat sequence of ``topk * Lk`` keys, so a
+block of ``BLOCK_N`` keys may span several small tiles (BiFormer's later stages have 2x2 and
+4x4 tiles; a block per tile would leave most of the tensor cores idle).  Each key's address
+comes from its slot's tile index; nothing is gathered into memory.  Online softmax in base 2.
+
+Backward: ``dq`` is a forward-shaped kernel that also produces
+``delta = rowsum(dO * O) - dlse``.  ``dk``/``dv`` use an inverted index (for every kv tile,
+the query tiles that list it, with multiplicity) built by a stable sort, so each kv block
+accumulates its gradient in registers and writes it once: no atomics, deterministic, and no
+float32 gradient buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["routed_bwd", "routed_fwd"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _next_pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(int(x)))
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the Triton interpreter mis-multiplies bfloat16 operands; run them in float32 there.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _routed_fwd_kernel(
+    Q,
+    K,
+    V,
+    IDX,
+    OUT,
+    LSE,
+    sqb,
+    sqh,
+    sqw,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skw,
+    skn,
+    skd,
+    svb,
+    svh,
+    svw,
+    svn,
+    svd,
+    sob,
+    soh,
+    sow,
+    son,
+    sod,
+    slb,
+    slh,
+    slw,
+    sln,
+    sib,
+    sih,
+    sit,
+    sik,
+    HEADS,
+    NW,
+    TH,
+    TW,
+    KNW,
+    KTH,
+    KTW,
+    N_KV_TILES,
+    TOPK,
+    D,
+    DV,
+    qk_scale,  # scale * log2(e)
+    N_MBLK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    t = pid_t // N_MBLK
+    mblk = pid_t % N_MBLK
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
+    lq = TH * TW
+    lk = KTH * KTW
+    n_keys = TOPK * lk
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < lq
+    y = (t // NW) * TH + offs_m // TW
+    x = (t % NW) * TW + offs_m % TW
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q_ptrs = Q + b * sqb + h * sqn + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    idx_base = IDX + b * sib + h * sih + t * sit
+    k_base = K + b * skb + h * skn
+    v_base = V + b * svb + h * svn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in range(0, n_keys, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_ok = offs_n < n_keys
+        slot = offs_n // lk
+        pix = offs_n % lk
+        j = tl.load(idx_base + slot * sik, mask=n_ok, other=0).to(tl.int32)
+        # out-of-range tiles (unchecked input) are clamped so they can never fault
+        j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
+        ky = (j // KNW) * KTH + pix // KTW
+        kx = (j % KNW) * KTW + pix % KTW
+        kt = tl.load(
+            k_base + ky[None, :] * skh + kx[None, :] * skw + offs_d[:, None] * skd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(
+            v_base + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd,
+            mask=n_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + b * slb + h * sln + y * slh + x * slw, lse, mask=m_ok)
+
+
+@triton.jit
+def _routed_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    IDX,
+    OUT,
+    DOUT,
+    LSE,
+    DLSE,
+    DQ,
+    DELTA,
+    sqb,
+    sqh,
+    sqw,
+    sqn,
+    sqd,
+    sdqb,
+    sdqh,
+    sdqw,
+    sdqn,
+    sdqd,
+    skb,
+    skh,
+    skw,
+    skn,
+    skd,
+    svb,
+    svh,
+    svw,
+    svn,
+    svd,
+    sob,
+    soh,
+    sow,
+    son,
+    sod,
+    sdob,
+    sdoh,
+    sdow,
+    sdon,
+    sdod,
+    slb,
+    slh,
+    slw,
+    sln,
+    sib,
+    sih,
+    sit,
+    sik,
+    HEADS,
+    NW,
+    TH,
+    TW,
+    KNW,
+    KTH,
+    KTW,
+    N_KV_TILES,
+    TOPK,
+    D,
+    DV,
+    qk_scale,
+    scale,
+    HAS_DLSE: tl.constexpr,
+    N_MBLK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    t = pid_t // N_MBLK
+    mblk = pid_t % N_MBLK
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
+    lq = TH * TW
+    lk = KTH * KTW
+    n_keys = TOPK * lk
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < lq
+    y = (t // NW) * TH + offs_m // TW
+    x = (t % NW) * TW + offs_m % TW
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    md = m_ok[:, None] & d_ok[None, :]
+    mdv = m_ok[:, None] & dv_ok[None, :]
+
+    q = tl.load(
+        Q + b * sqb + h * sqn + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
+        mask=md,
+        other=0.0,
+    )
+    do = tl.load(
+        DOUT
+        + b * sdob
+        + h * sdon
+        + y[:, None] * sdoh
+        + x[:, None] * sdow
+        + offs_dv[None, :] * sdod,
+        mask=mdv,
+        other=0.0,
+    )
+    o = tl.load(
+        OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod,
+        mask=mdv,
+        other=0.0,
+    )
+    row = b * slb + h * sln + y * slh + x * slw
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
+    tl.store(DELTA + row, delta, mask=m_ok)
+    lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
+
+    idx_base = IDX + b * sib + h * sih + t * sit
+    k_base = K + b * skb + h * skn
+    v_base = V + b * svb + h * svn
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in range(0, n_keys, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_ok = offs_n < n_keys
+        slot = offs_n // lk
+        pix = offs_n % lk
+        j = tl.load(idx_base + slot * sik, mask=n_ok, other=0).to(tl.int32)
+        j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
+        ky = (j // KNW) * KTH + pix // KTW
+        kx = (j % KNW) * KTW + pix % KTW
+        kb = tl.load(
+            k_base + ky[:, None] * skh + kx[:, None] * skw + offs_d[None, :] * skd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        vt = tl.load(
+            v_base + ky[None, :] * svh + kx[None, :] * svw + offs_dv[:, None] * svd,
+            mask=n_ok[None, :] & dv_ok[:, None],
+            other=0.0,
+        )
+        s = _dot(q, tl.trans(kb), PREC, UPCAST) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        dp = _dot(do, vt, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kb.dtype), kb, PREC, UPCAST)
+
+    dq *= scale
+    tl.store(
+        DQ + b * sdqb + h * sdqn + y[:, None] * sdqh + x[:, None] * sdqw + offs_d[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=md,
+    )
+
+
+@triton.jit
+def _routed_bwd_dkv_kernel(
+    Q,
+    K,
+    V,
+    DOUT,
+    LSE,
+    DELTA,
+    DK,
+    DV_,
+    REF_OFF,
+    REF_TILE,
+    sqb,
+    sqh,
+    sqw,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skw,
+    skn,
+    skd,
+    svb,
+    svh,
+    svw,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdow,
+    sdon,
+    sdod,
+    slb,
+    slh,
+    slw,
+    sln,
+    sdkb,
+    sdkh,
+    sdkw,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvw,
+    sdvn,
+    sdvd,
+    HEADS,
+    IDX_HEADS,
+    NW,
+    TH,
+    TW,
+    KNW,
+    KTH,
+    KTW,
+    N_KV_TILES,
+    D,
+    DV,
+    qk_scale,
+    scale,
+    N_NBLK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    j = pid_t // N_NBLK
+    nblk = pid_t % N_NBLK
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
+    lq = TH * TW
+    lk = KTH * KTW
+
+    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < lk
+    ky = (j // KNW) * KTH + offs_n // KTW
+    kx = (j % KNW) * KTW + offs_n % KTW
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    nd = n_ok[:, None] & d_ok[None, :]
+    ndv = n_ok[:, None] & dv_ok[None, :]
+    k_ptrs = K + b * skb + h * skn + ky[:, None] * skh + kx[:, None] * skw + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + h * svn + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd
+    kb = tl.load(k_ptrs, mask=nd, other=0.0)
+    vb = tl.load(v_ptrs, mask=ndv, other=0.0)
+
+    # the query tiles listing kv tile j (with multiplicity), as a flat run of rows
+    ref = (b * IDX_HEADS + h % IDX_HEADS) * N_KV_TILES + j
+    start = tl.load(REF_OFF + ref)
+    end = tl.load(REF_OFF + ref + 1)
+    n_rows = (end - start) * lq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    q_base = Q + b * sqb + h * sqn
+    do_base = DOUT + b * sdob + h * sdon
+    row_base = b * slb + h * sln
+    for m0 in range(0, n_rows, BLOCK_M):
+        offs_m = m0 + offs_m0
+        m_ok = offs_m < n_rows
+        t = tl.load(REF_TILE + start + offs_m // lq, mask=m_ok, other=0)
+        pix = offs_m % lq
+        y = (t // NW) * TH + pix // TW
+        x = (t % NW) * TW + pix % TW
+        q = tl.load(
+            q_base + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            do_base + y[:, None] * sdoh + x[:, None] * sdow + offs_dv[None, :] * sdod,
+            mask=m_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        row = row_base + y * slh + x * slw
+        lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+        s = _dot(q, tl.trans(kb), PREC, UPCAST) * qk_scale  # [M, N]
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(m_ok[:, None], p, 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dp = _dot(do, tl.trans(vb), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+
+    dk *= scale
+    tl.store(
+        DK + b * sdkb + h * sdkn + ky[:, None] * sdkh + kx[:, None] * sdkw + offs_d[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty),
+        mask=nd,
+    )
+    tl.store(
+        DV_
+        + b * sdvb
+        + h * sdvn
+        + ky[:, None] * sdvh
+        + kx[:, None] * sdvw
+        + offs_dv[None, :] * sdvd,
+        dv.to(DV_.dtype.element_ty),
+        mask=ndv,
+    )
+
+
+# --------------------------------------------------------------------------- host side
+def _prec(dtype: torch.dtype) -> str:
+    # float32 inputs keep float32 accuracy (the half types go through the tensor cores anyway)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and type(_routed_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _as4d(indices: torch.Tensor) -> torch.Tensor:
+    return indices.unsqueeze(1) if indices.dim() == 3 else indices
+
+
+def _geometry(q, k, tiles):
+    th, tw, kth, ktw = tiles
+    nh, nw = q.shape[1] // th, q.shape[2] // tw
+    knh, knw = k.shape[1] // kth, k.shape[2] // ktw
+    return nh, nw, knh, knw
+
+
+def _blocks(rows: int, cols: int, d: int, dv: int) -> tuple[int, int]:
+    """Block shape for ``rows`` queries against ``cols`` keys (the fixed side of each kernel)."""
+    cap = 64 if max(d, dv) <= 64 else 32
+    return min(64, _next_pow2(rows)), min(cap, _next_pow2(cols))
+
+
+def routed_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    tiles: tuple[int, int, int, int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``out [B, Hq, Wq, heads, Dv]`` (q's dtype, contiguous), ``lse [B, Hq, Wq, heads]``."""
+    th, tw, kth, ktw = tiles
+    b, hq, wq, heads, d = q.shape
+    dv = v.shape[-1]
+    idx = _as4d(indices)
+    nh, nw, knh, knw = _geometry(q, k, tiles)
+    lq = th * tw
+    out = torch.empty((b, hq, wq, heads, dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, wq, heads), device=q.device, dtype=torch.float32)
+    block_m, block_n = _blocks(lq, idx.shape[3] * kth * ktw, d, dv)
+    n_mblk = triton.cdiv(lq, block_m)
+    grid = (nh * nw * n_mblk, b * heads)
+    sih = idx.stride(1) if idx.shape[1] > 1 else 0
+    _routed_fwd_kernel[grid](
+        q, k, v, idx, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        idx.stride(0), sih, idx.stride(2), idx.stride(3),
+        heads, nw, th, tw, knw, kth, ktw, knh * knw, idx.shape[3], d, dv,
+        scale * _LOG2E,
+        N_MBLK=n_mblk,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_next_pow2(d), BLOCK_DV=_next_pow2(dv),
+        PREC=_prec(q.dtype),
+        UPCAST=_upcast(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out, lse
+
+
+def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``idx [B, hi, T, topk]``: ``offsets [B*hi*n_kv_tiles + 1]`` and ``tiles [B*hi*T*topk]``
+    so that the query tiles listing kv tile ``j`` of group ``g`` are
+    ``tiles[offsets[g*n_kv_tiles + j] : offsets[g*n_kv_tiles + j + 1]]`` (duplicates kept).
+    Pure tensor ops, no host sync."""
+    b, hi, t, topk = idx.shape
+    groups = b * hi
+    j = idx.reshape(groups, t * topk).long().clamp(0, n_kv_tiles - 1)
+    key = (j + torch.arange(groups, device=idx.device).unsqueeze(1) * n_kv_tiles).reshape(-1)
+    sorted_key, order = torch.sort(key, stable=True)
+    ref_tile = ((order % (t * topk)) // topk).to(torch.int32)
+    bounds = torch.arange(groups * n_kv_tiles + 1, device=idx.device)
+    offsets = torch.searchsorted(sorted_key, bounds).to(torch.int32)
+    return offsets, ref_tile
+
+
+def routed_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    tiles: tuple[int, int, int, int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv)``, contiguous, in the inputs' dtypes."""
+    th, tw, kth, ktw = tiles
+    b, hq, wq, heads, d = q.shape
+    dv_dim = v.shape[-1]
+    idx = _as4d(indices)
+    nh, nw, knh, knw = _geometry(q, k, tiles)
+    n_kv = knh * knw
+    lq, lk = th * tw, kth * ktw
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    lse = lse if lse.stride() == delta.stride() else lse.contiguous()
+    if dlse is not None and dlse.stride() != delta.stride():
+        dlse = dlse.contiguous()
+    topk = idx.shape[3]
+    block_m, block_n = _blocks(lq, topk * lk, d, dv_dim)
+    n_mblk = triton.cdiv(lq, block_m)
+    sih = idx.stride(1) if idx.shape[1] > 1 else 0
+    prec = _prec(q.dtype)
+    _routed_bwd_dq_kernel[(nh * nw * n_mblk, b * heads)](
+        q, k, v, idx, out, dout, lse, dlse if dlse is not None else lse, dq, delta,
+        *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
+        idx.stride(0), sih, idx.stride(2), idx.stride(3),
+        heads, nw, th, tw, knw, kth, ktw, n_kv, idx.shape[3], d, dv_dim,
+        scale * _LOG2E, scale,
+        HAS_DLSE=dlse is not None,
+        N_MBLK=n_mblk,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_next_pow2(d), BLOCK_DV=_next_pow2(dv_dim),
+        PREC=prec,
+        UPCAST=_upcast(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    offsets, ref_tile = _inverted_index(idx, n_kv)
+    # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
+    kv_block_n, kv_block_m = _blocks(lk, (nh * nw * topk * lq) // n_kv + 1, d, dv_dim)
+    n_nblk = triton.cdiv(lk, kv_block_n)
+    _routed_bwd_dkv_kernel[(n_kv * n_nblk, b * heads)](
+        q, k, v, dout, lse, delta, dk, dv, offsets, ref_tile,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(),
+        heads, idx.shape[1], nw, th, tw, knw, kth, ktw, n_kv, d, dv_dim,
+        scale * _LOG2E, scale,
+        N_NBLK=n_nblk,
+        BLOCK_M=kv_block_m, BLOCK_N=kv_block_n,
+        BLOCK_D=_next_pow2(d), BLOCK_DV=_next_pow2(dv_dim),
+        PREC=prec,
+        UPCAST=_upcast(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return dq, dk, dv
