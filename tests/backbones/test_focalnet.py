@@ -48,9 +48,9 @@ def _convert(name: str, timm_model: torch.nn.Module, **overrides) -> torch.nn.Mo
 def _check(timm_model: torch.nn.Module, model: torch.nn.Module, size: tuple[int, int]) -> None:
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        ref_feats = timm_model.forward_intermediates(x, intermediates_only=True)
-        feats = model.forward_intermediates(x, intermediates_only=True)
-        ref, out = timm_model(x), model(x)
+        ref_final, ref_feats = timm_model.forward_intermediates(x)
+        final, feats = model.forward_intermediates(x)
+        ref, out = timm_model.forward_head(ref_final), model.forward_head(final)
     assert len(feats) == len(ref_feats)
     for i, (a, b) in enumerate(zip(feats, ref_feats)):
         assert a.shape == b.shape, (i, a.shape, b.shape)
