@@ -74,20 +74,23 @@ def _routed_fwd_op(
     indices: torch.Tensor,
     tiles: Sequence[int],
     scale: float,
+    need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # need_lse=False (inference without return_lse) returns an empty lse and skips writing it
     t = (int(tiles[0]), int(tiles[1]), int(tiles[2]), int(tiles[3]))
     if _use_triton(q):
-        return _triton_module().routed_fwd(q, k, v, indices, t, scale)
+        return _triton_module().routed_fwd(q, k, v, indices, t, scale, need_lse)
     out, lse = routed_fwd_reference(q, k, v, indices, t, scale)
-    return out.contiguous(), lse.contiguous()
+    return out.contiguous(), (lse.contiguous() if need_lse else lse.new_empty(0))
 
 
 @_routed_fwd_op.register_fake
-def _(q, k, v, indices, tiles, scale):
+def _(q, k, v, indices, tiles, scale, need_lse):
     b, hq, wq, nheads, _ = q.shape
     out = q.new_empty((b, hq, wq, nheads, v.shape[-1]))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = q.new_empty((b, hq, wq, nheads), dtype=lse_dtype)
+    lse_shape = (b, hq, wq, nheads) if need_lse else (0,)
+    lse = q.new_empty(lse_shape, dtype=lse_dtype)
     return out, lse
 
 
@@ -121,7 +124,7 @@ def _(dout, q, k, v, indices, out, lse, dlse, tiles, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indices, tiles, scale = inputs
+    q, k, v, indices, tiles, scale, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, indices, out, lse)
     ctx.tiles = tiles
@@ -133,7 +136,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _routed_bwd_op(dout, q, k, v, indices, out, lse, dlse, ctx.tiles, ctx.scale)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -326,7 +329,10 @@ def routed_attention(
     if scale is None:
         scale = d**-0.5
     scale = float(scale)
-    out, lse = _routed_fwd_op(q, k, v, indices, [th, tw, kth, ktw], scale)
+    need_lse = return_lse or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+    out, lse = _routed_fwd_op(q, k, v, indices, [th, tw, kth, ktw], scale, need_lse)
     if return_lse:
         return out, lse
     return out

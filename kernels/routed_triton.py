@@ -91,7 +91,8 @@ def _routed_fwd_kernel(
     D,
     DV,
     qk_scale,  # scale * log2(e)
-    N_MBLK: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    N_MBLK,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -162,7 +163,8 @@ def _routed_fwd_kernel(
     o_ptrs = OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + b * slb + h * sln + y * slh + x * slw, lse, mask=m_ok)
+    if STORE_LSE:
+        tl.store(LSE + b * slb + h * sln + y * slh + x * slw, lse, mask=m_ok)
 
 
 @triton.jit
@@ -229,7 +231,7 @@ def _routed_bwd_dq_kernel(
     qk_scale,
     scale,
     HAS_DLSE: tl.constexpr,
-    N_MBLK: tl.constexpr,
+    N_MBLK,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -383,7 +385,7 @@ def _routed_bwd_dkv_kernel(
     DV,
     qk_scale,
     scale,
-    N_NBLK: tl.constexpr,
+    N_NBLK,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -507,8 +509,10 @@ def routed_fwd(
     indices: torch.Tensor,
     tiles: tuple[int, int, int, int],
     scale: float,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``out [B, Hq, Wq, heads, Dv]`` (q's dtype, contiguous), ``lse [B, Hq, Wq, heads]``."""
+    """Forward: ``out [B, Hq, Wq, heads, Dv]`` (q's dtype, contiguous), ``lse [B, Hq, Wq, heads]``
+    (float32; an empty tensor, never written, when ``need_lse`` is False)."""
     th, tw, kth, ktw = tiles
     b, hq, wq, heads, d = q.shape
     dv = v.shape[-1]
@@ -516,17 +520,20 @@ def routed_fwd(
     nh, nw, knh, knw = _geometry(q, k, tiles)
     lq = th * tw
     out = torch.empty((b, hq, wq, heads, dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, hq, wq, heads), device=q.device, dtype=torch.float32)
+    lse_shape = (b, hq, wq, heads) if need_lse else (0,)
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    lse_strides = lse.stride() if need_lse else (0, 0, 0, 0)
     block_m, block_n = _blocks(lq, idx.shape[3] * kth * ktw, d, dv)
     n_mblk = triton.cdiv(lq, block_m)
     grid = (nh * nw * n_mblk, b * heads)
     sih = idx.stride(1) if idx.shape[1] > 1 else 0
     _routed_fwd_kernel[grid](
         q, k, v, idx, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
         idx.stride(0), sih, idx.stride(2), idx.stride(3),
         heads, nw, th, tw, knw, kth, ktw, knh * knw, idx.shape[3], d, dv,
         scale * _LOG2E,
+        STORE_LSE=need_lse,
         N_MBLK=n_mblk,
         BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_next_pow2(d), BLOCK_DV=_next_pow2(dv),

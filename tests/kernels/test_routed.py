@@ -262,8 +262,18 @@ def test_opcheck():
     q, k, v = (torch.randn(1, 4, 4, 2, 8, generator=g, requires_grad=True) for _ in range(3))
     idx = torch.randint(0, 4, (1, 1, 4, 2), generator=g)
     torch.library.opcheck(
-        torch.ops.visionattn.routed_attn_fwd.default, (q, k, v, idx, [2, 2, 2, 2], 0.5)
+        torch.ops.visionattn.routed_attn_fwd.default, (q, k, v, idx, [2, 2, 2, 2], 0.5, True)
     )
+
+
+def test_inference_skips_lse():
+    """Without grad and return_lse the op returns an empty lse (nothing extra is kept)."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 4, 4, 2, 8, generator=g) for _ in range(3))
+    idx = torch.randint(0, 4, (1, 4, 2), generator=g)
+    out, lse = torch.ops.visionattn.routed_attn_fwd(q, k, v, idx, [2, 2, 2, 2], 0.5, False)
+    assert lse.numel() == 0
+    torch.testing.assert_close(out, routed_attention(q, k, v, idx, n_win=2, scale=0.5))
 
 
 def test_routed_tiles():

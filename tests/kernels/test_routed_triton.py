@@ -46,11 +46,11 @@ def test_interpreter_suite():
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_sweep():
-    """Compiled kernels on CUDA vs the float32 reference, 400 random configs."""
+    """Compiled kernels on CUDA vs the float32 reference, 160 random configs."""
     rng = random.Random(2024)
     import visionattn.kernels.routed_triton as tri
 
-    for i in range(400):
+    for i in range(160):
         q, k, v, idx, tiles, scale = cases._case(rng, small=i % 2 == 0, device="cuda")
         cases._check_case(tri, q, k, v, idx, tiles, scale, with_dlse=i % 7 == 0, gather=i % 10 == 0)
 
