@@ -857,7 +857,9 @@ def _cfg(hf_hub_id: str = "", **kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs(
     {
         **{f"va_{n}.r224_in1k": _cfg(f"timm/{n}.r224_in1k") for n in _TIMM_ARGS},
-        "test_va_efficientvit.untrained": _cfg(input_size=(3, 64, 64), pool_size=(1, 1)),
+        "test_va_efficientvit.untrained": _cfg(
+            "visionattn/test_va_efficientvit.untrained", input_size=(3, 64, 64), pool_size=(1, 1)
+        ),
     }
 )
 

@@ -722,7 +722,9 @@ default_cfgs = generate_default_cfgs(
         "va_focalnet_xlarge_fl4.ms_in22k": _cfg("timm/focalnet_xlarge_fl4.ms_in22k", **_IN22K),
         "va_focalnet_huge_fl3.ms_in22k": _cfg("timm/focalnet_huge_fl3.ms_in22k", num_classes=21842),
         "va_focalnet_huge_fl4.ms_in22k": _cfg("timm/focalnet_huge_fl4.ms_in22k", num_classes=0),
-        "test_va_focalnet.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
+        "test_va_focalnet.untrained": _cfg(
+            "visionattn/test_va_focalnet.untrained", input_size=(3, 64, 64), pool_size=(2, 2)
+        ),
     }
 )
 
