@@ -152,12 +152,13 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     state = torch.load(p, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "model" in state and "config" in state:
         sd = state["ema"] if state.get("ema") is not None else state["model"]
-        meta = {
-            "model": state["config"]["model"],
-            "num_classes": state.get("num_classes"),
-            "classes": state.get("classes"),
-            "config": state["config"],
-        }
+        meta = dict(state.get("weights_meta") or {})
+        meta.update(
+            model=state["config"]["model"],
+            num_classes=state.get("num_classes"),
+            classes=state.get("classes"),
+            config=state["config"],
+        )
         return dict(sd), meta
     from visionattn.convert import unwrap_state_dict
 

@@ -74,6 +74,7 @@ class TrainConfig:
     reprob: float = 0.0  # random erasing probability
     remode: str = "pixel"
     recount: int = 1
+    epoch_repeats: int = 1  # visit each training image this many times per epoch
     workers: int = 4  # dataloader worker processes per device
     pin_memory: bool = True
 
@@ -378,7 +379,15 @@ def validate_config(cfg: TrainConfig) -> None:
             + (f" (close names: {close})" if close else "")
             + "; see `visionattn list` or timm.list_models()"
         )
-    positive_int = ("batch_size", "grad_accum", "epochs", "val_every", "log_every", "digits_size")
+    positive_int = (
+        "batch_size",
+        "grad_accum",
+        "epochs",
+        "val_every",
+        "log_every",
+        "digits_size",
+        "epoch_repeats",
+    )
     for key in positive_int:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}: must be >= 1, got {getattr(cfg, key)}")

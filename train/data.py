@@ -85,8 +85,20 @@ class DigitsDataset(Dataset):
         return self.images[index], self.targets[index]
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    # splitmix64 finalizer: a cheap bijective scramble, so nearby keys get unrelated seeds
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends on (seed, epoch, index) only."""
+    return _mix64(_mix64(_mix64(seed) ^ epoch) ^ index) & 0xFFFFFFFF
 
 
 class SeededTransformDataset(Dataset):
@@ -94,8 +106,8 @@ class SeededTransformDataset(Dataset):
 
     Keys are ``(index, epoch)`` pairs (as yielded by :class:`EpochBatchSampler`) or plain
     indices (epoch 0). The python, numpy and torch CPU RNGs are seeded from
-    ``(seed, epoch, index)`` around the transform and restored afterwards, so the global
-    streams (dropout, mixup) are untouched.
+    ``(seed, epoch, index)`` for the transform; the python and torch states are restored
+    afterwards, so the dropout stream is untouched (numpy's is left reseeded).
     """
 
     def __init__(self, base: Dataset, transform: Any, seed: int) -> None:
@@ -111,29 +123,32 @@ class SeededTransformDataset(Dataset):
         img, target = self.base[index]
         if self.transform is None:
             return img, target
-        s = _sample_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(s)
-            np.random.seed(s)
-            torch.manual_seed(s)
-            try:
-                img = self.transform(img)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        s = sample_seed(self.seed, epoch, index)
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        random.seed(s)
+        torch.default_generator.manual_seed(s)
+        # numpy's global stream is reseeded, not restored: saving its state costs more than
+        # the transform itself, and the trainer reseeds it before each use (Mixup)
+        np.random.seed(s)
+        try:
+            img = self.transform(img)
+        finally:
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
         return img, target
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Deterministic, sharded batches of ``(index, epoch)`` keys.
+    """Deterministic, sharded batches of ``(index, augmentation key)`` pairs.
 
-    The epoch's order is a permutation seeded by ``seed + epoch`` (or the identity when
-    ``shuffle`` is false); process ``rank`` of ``world`` takes every ``world``-th index. With
-    ``drop_last`` only full batches are kept and their count is rounded down to a multiple of
-    ``multiple_of`` (the gradient-accumulation length) so every optimizer step sees the same
-    number of micro-batches. :meth:`set_epoch` picks the epoch and how many leading batches
-    to skip (resuming mid-epoch without loading the skipped images).
+    An epoch visits every sample ``repeats`` times (1 normally); its order is a permutation
+    seeded by ``seed + epoch`` (or the identity when ``shuffle`` is false), and process
+    ``rank`` of ``world`` takes every ``world``-th entry. The second element of a key,
+    ``epoch * repeats + repeat``, keys the sample's augmentation. With ``drop_last`` only full
+    batches are kept and their count is rounded down to a multiple of ``multiple_of`` (the
+    gradient-accumulation length) so every optimizer step sees the same number of
+    micro-batches. :meth:`set_epoch` picks the epoch and how many leading batches to skip
+    (resuming mid-epoch without loading the skipped images).
     """
 
     def __init__(
@@ -147,11 +162,14 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         world: int = 1,
         drop_last: bool = True,
         multiple_of: int = 1,
+        repeats: int = 1,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
         if not 0 <= rank < world:
             raise ValueError(f"rank: must be in [0, {world}), got {rank}")
+        if repeats < 1:
+            raise ValueError(f"repeats: must be >= 1, got {repeats}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -160,6 +178,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.world = world
         self.drop_last = drop_last
         self.multiple_of = multiple_of
+        self.repeats = repeats
         self.epoch = 0
         self.skip = 0
 
@@ -168,29 +187,31 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.skip = skip
 
     def _num_batches(self) -> int:
-        per_rank = self.num_samples // self.world if self.drop_last else None
+        total = self.num_samples * self.repeats
         if self.drop_last:
-            n = per_rank // self.batch_size  # type: ignore[operator]
+            n = (total // self.world) // self.batch_size
             return n - n % self.multiple_of
-        per_rank = len(range(self.rank, self.num_samples, self.world))
+        per_rank = len(range(self.rank, total, self.world))
         return -(-per_rank // self.batch_size)
 
     def __len__(self) -> int:
         return max(self._num_batches() - self.skip, 0)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        total = self.num_samples * self.repeats
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
+            order = torch.randperm(total, generator=g).tolist()
         else:
-            order = list(range(self.num_samples))
+            order = list(range(total))
         mine = order[self.rank :: self.world]
         if self.drop_last:
-            mine = mine[: self.num_samples // self.world]
+            mine = mine[: total // self.world]
+        n, base = self.num_samples, self.epoch * self.repeats
         for b in range(self.skip, self._num_batches()):
             chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(i, self.epoch) for i in chunk]
+            yield [(i % n, base + i // n) for i in chunk]
 
 
 def make_loader(
@@ -213,7 +234,8 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         generator=g,
-        persistent_workers=False,
+        # keys carry the epoch, so long-lived workers see the right augmentation
+        persistent_workers=workers > 0,
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -43,6 +44,7 @@ from visionattn.train.data import (
     SeededTransformDataset,
     build_datasets,
     make_loader,
+    sample_seed,
 )
 
 __all__ = ["RESUME_MUTABLE_KEYS", "build_model", "evaluate", "resolve_data", "train"]
@@ -348,6 +350,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         world=world,
         drop_last=True,
         multiple_of=cfg.grad_accum,
+        repeats=cfg.epoch_repeats,
     )
     micro_per_epoch = len(train_sampler)
     if micro_per_epoch == 0:
@@ -493,6 +496,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "interpolation": dc["interpolation"],
         "crop_pct": dc.get("crop_pct"),
         "timm_version": timm.__version__,
+        "digits_size": cfg.digits_size if cfg.data_dir is None else None,
+        "config": cfg.to_dict(),
     }
 
     def result_weights() -> dict[str, torch.Tensor]:
@@ -522,6 +527,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "acc": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in acc.items()},
             "rng": rng_all,
             "world_size": world,
+            "weights_meta": weights_meta,
             "versions": {"torch": torch.__version__, "timm": timm.__version__},
         }
         save_checkpoint(state, run_dir / "last.pt")
@@ -599,6 +605,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if mixup_fn is not None:
+                # Mixup draws from numpy's global RNG: seed it from the step's position so
+                # the draw is the same in a resumed run and independent of the data workers
+                np.random.seed(sample_seed(cfg.seed + 7919 * (rank + 1), epoch, micro))
                 x, y = mixup_fn(x, y)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

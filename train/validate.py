@@ -72,7 +72,7 @@ def validate(
         raise ValueError(f"model: {name!r} is not a registered timm/visionattn model")
 
     saved_cfg = meta.get("config") or {}
-    digits_size = int(saved_cfg.get("digits_size", 32))
+    digits_size = int(meta.get("digits_size") or saved_cfg.get("digits_size") or 32)
     dataset, classes = eval_dataset(data_dir, split, digits_size)
     if meta.get("classes") is not None and list(meta["classes"]) != list(classes):
         raise ValueError(
