@@ -118,6 +118,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="same absolute lr for both runs")
     p.add_argument("--timeout", type=int, default=150, help="seconds per run")
     p.add_argument("--out-dir", default="benchmarks")
+    p.add_argument("--work-dir", default="/tmp/va_train_gpu")
     a = p.parse_args()
 
     import torch
@@ -126,7 +127,7 @@ def main() -> int:
     tag = (
         gpu.lower().replace("nvidia", "").strip().split()[0] if torch.cuda.is_available() else "cpu"
     )
-    work = Path(os.environ.get("OUT", "output")) / "train_gpu"
+    work = Path(a.work_dir)  # checkpoints stay here; only logs and metrics are copied out
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -200,10 +201,16 @@ def main() -> int:
         lines += ["", f"2-GPU scaling efficiency: {100 * report['scaling_efficiency']:.0f}%"]
     text = "\n".join(lines) + "\n"
     print(text)
-    for d in {Path(a.out_dir), work}:
+    dests = [Path(a.out_dir)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for d in dests:
         d.mkdir(parents=True, exist_ok=True)
         (d / f"train_{tag}.json").write_text(json.dumps(report, indent=2))
         (d / f"train_{tag}.md").write_text(text)
+        for name in ("gpu1", "gpu2"):
+            (d / f"train_{tag}_{name}.log").write_bytes((work / f"{name}.log").read_bytes())
+            for f in ("metrics.json", "curves.png"):
+                if (work / name / f).is_file():
+                    (d / f"train_{tag}_{name}_{f}").write_bytes((work / name / f).read_bytes())
     return 0 if r1 and r2 else 1
 
 
