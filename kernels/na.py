@@ -188,7 +188,8 @@ def _combined_bias(
         bias = rpb.reshape(rpb.shape[0], -1)[:, rel].unsqueeze(0)  # [1, h, N, K]
     if attn_bias is not None:
         ab = attn_bias.reshape(attn_bias.shape[0], attn_bias.shape[1], n, kk)
-        bias = ab if bias is None else bias + ab
+        # rpb + attn_bias summed in float32: a half-precision sum would round the logits
+        bias = ab if bias is None else bias.float() + ab.float()
     return bias
 
 
