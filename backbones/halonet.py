@@ -211,6 +211,12 @@ class HaloNet(ByobNet):
     the attention layers' heads-last views of the q/kv projections are contiguous.
     """
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # timm's HaloNets decay every parameter its optimizer factory does not exempt (it
+        # exempts 1-D ones itself); keep training identical to theirs.
+        return set()
+
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
