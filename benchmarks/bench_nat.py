@@ -102,6 +102,9 @@ def _official_factory(name: str):
     # keep the official @register_model from replacing our registry entries of the same names
     timm_registry.register_model = lambda fn: fn
     natten.NeighborhoodAttention2D = _NattenNA2dOldSignature
+    if _NattenNA2dOldSignature.torch_compile:
+        # NATTEN refuses to compile Flex attention unless told to; compiled is its fast path
+        natten.allow_flex_compile(True, backprop=True)
     if str(OFFICIAL_DIR) not in sys.path:
         sys.path.insert(0, str(OFFICIAL_DIR))
     mod = importlib.import_module("dinat" if name.startswith("dinat") else "nat")

@@ -303,18 +303,23 @@ def test_bad_inputs() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stem", PARITY_STEMS)
-def test_parity_official_cuda(parity_path: Path, stem: str) -> None:
+def test_parity_official_cuda(
+    parity_path: Path, stem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same parity on the GPU kernels: float32 within 1e-4, bf16 autocast close."""
     t, meta, sd = _load_vector(parity_path, stem)
     model = nat.from_official(sd, meta["constructor_kwargs"]).cuda()
     x = t["input"].cuda()
+    # cuDNN convs default to TF32 (1e-3 error): float32 parity needs IEEE convs
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with torch.no_grad():
         final, feats = model.forward_intermediates(x, output_fmt="NHWC")
         logits = model.forward_head(final).cpu()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits_bf16 = model(x).float().cpu()
-    assert (logits - t["output"]).abs().max().item() <= TOL
-    for f, fm in zip(feats, meta["features"]):
-        assert (f.cpu() - t[fm["key"]]).abs().max().item() <= TOL, fm["module"]
+    err = (logits - t["output"]).abs().max().item()
+    errs = [(f.cpu() - t[fm["key"]]).abs().max().item() for f, fm in zip(feats, meta["features"])]
+    assert err <= TOL and max(errs) <= TOL, (err, errs)
     scale = t["output"].abs().max().item()
     assert (logits_bf16 - t["output"]).abs().max().item() <= 0.05 * scale + 1e-2
