@@ -189,7 +189,11 @@ def _combined_bias(
     if attn_bias is not None:
         ab = attn_bias.reshape(attn_bias.shape[0], attn_bias.shape[1], n, kk)
         # rpb + attn_bias summed in float32: a half-precision sum would round the logits
-        bias = ab if bias is None else bias.float() + ab.float()
+        if bias is None:
+            bias = ab
+        else:
+            ct = torch.promote_types(torch.promote_types(bias.dtype, ab.dtype), torch.float32)
+            bias = bias.to(ct) + ab.to(ct)
     return bias
 
 
