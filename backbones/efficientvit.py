@@ -98,7 +98,8 @@ class ConvNorm(nn.Module):
 
     def _apply_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.pointwise:
-            return F.linear(x, w.flatten(1), b)
+            # any leading dims; w is [out, in] (folded) or the conv's [out, in, 1, 1]
+            return F.linear(x, w if w.dim() == 2 else w.flatten(1), b)
         c = self.conv
         return _nhwc(F.conv2d(_nchw(x), w, b, c.stride, c.padding, c.dilation, c.groups))
 
@@ -127,12 +128,38 @@ class ConvNorm(nn.Module):
                 w[idx, idx, centre, centre] += 1.0
             else:
                 w[:, 0, centre, centre] += 1.0
+        if self.pointwise:
+            w = w.flatten(1)
         w, b = w.to(dtype), b.to(dtype)
         self._folded = (key, w, b)
         return w, b
 
+    def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """BatchNorm2d semantics on channels-last ``[..., C]``, as one flat ``[M, C]`` call."""
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or bn.running_mean is None
+        out = F.batch_norm(
+            y.reshape(-1, y.shape[-1]),
+            bn.running_mean if not bn.training or bn.track_running_stats else None,
+            bn.running_var if not bn.training or bn.track_running_stats else None,
+            bn.weight,
+            bn.bias,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+        )
+        return out.view(y.shape)
+
     def forward(self, x: torch.Tensor, identity: bool = False) -> torch.Tensor:
-        """``x``: ``[B, H, W, C_in]`` -> ``[B, H', W', C_out]``; ``identity`` adds ``x``."""
+        """``x``: ``[B, H, W, C_in]`` -> ``[B, H', W', C_out]``; ``identity`` adds ``x``.
+
+        Pointwise convs accept any leading dims.
+        """
         if _fold_enabled(self):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):
@@ -142,8 +169,7 @@ class ConvNorm(nn.Module):
             if identity and not self.can_fold_identity:
                 y = x + y
             return y
-        y = self._apply_conv(x, self.conv.weight, None)
-        y = _nhwc(self.bn(_nchw(y)))
+        y = self._batch_norm(self._apply_conv(x, self.conv.weight, None))
         return x + y if identity else y
 
     def _apply(self, fn, *args, **kwargs):
@@ -195,10 +221,19 @@ class PatchMerging(nn.Module):
         return self.conv3(x)
 
 
-def _offset_index(ws: int) -> torch.Tensor:
-    """``[2ws-1, 2ws-1]`` index into a bias over absolute offsets ``|dy| * ws + |dx|``."""
-    d = (torch.arange(2 * ws - 1) - (ws - 1)).abs()
-    return d[:, None] * ws + d[None, :]
+def _window_bias_index(h: int, w: int, ws: int) -> torch.Tensor:
+    """``[h, w, ws, ws]`` index into a bias over absolute offsets ``|dy| * ws + |dx|``.
+
+    Entry ``[y, x, ky, kx]``: query ``(y, x)`` against the key at window position ``(ky, kx)``
+    of its (non-overlapping, ``ws``-aligned) window, i.e. na2d's ``attn_bias`` layout for
+    ``kernel_size = stride = ws``.
+    """
+    ly = torch.arange(h) % ws
+    lx = torch.arange(w) % ws
+    k = torch.arange(ws)
+    dy = (ly[:, None, None, None] - k[None, None, :, None]).abs()
+    dx = (lx[None, :, None, None] - k[None, None, None, :]).abs()
+    return dy * ws + dx
 
 
 class CascadedGroupAttention(nn.Module):
@@ -242,53 +277,70 @@ class CascadedGroupAttention(nn.Module):
             nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0)
         )
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
-        self.register_buffer("rpb_index", _offset_index(resolution), persistent=False)
-        self._rpb_cache: tuple[tuple, torch.Tensor] | None = None
+        # per padded map size: bias index (device) and, in eval, the gathered bias
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
-    def _rpb(self) -> torch.Tensor:
-        """Relative-position table ``[heads, 2ws-1, 2ws-1]`` gathered from the offset bias."""
-        if not _fold_enabled(self):
-            return self.attention_biases[:, self.rpb_index]
+    def _window_bias(self, h: int, w: int) -> torch.Tensor:
+        """na2d ``attn_bias`` ``[1, heads, h, w, ws, ws]`` gathered from the offset bias.
+
+        One differentiable gather per forward serves every head (cached in eval while the
+        bias parameter is unchanged), so the kernel gets a plain view per head.
+        """
         ab = self.attention_biases
-        key = (ab._version, ab.data_ptr(), self.rpb_index.data_ptr())
-        if self._rpb_cache is None or self._rpb_cache[0] != key:
-            self._rpb_cache = (key, ab[:, self.rpb_index])
-        return self._rpb_cache[1]
+        ikey = (h, w, ab.device)
+        idx = self._index_cache.get(ikey)
+        if idx is None:
+            idx = _window_bias_index(h, w, self.resolution).to(ab.device)
+            if not torch.compiler.is_compiling():
+                self._index_cache[ikey] = idx
+        if not _fold_enabled(self):
+            return ab[:, idx].unsqueeze(0)
+        key = (h, w, ab._version, ab.data_ptr(), ab.device)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, ab[:, idx].unsqueeze(0))
+        return self._bias_cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._index_cache = {}
+        self._bias_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _window_dw(self, dw: ConvNorm, q: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv on q, zero-padded at every window border (per-window conv)."""
-        B, H, W, C = q.shape
+        """Depthwise conv on q ``[B, H, W, 1, C]``, zero-padded at every window border."""
+        B, H, W, _, C = q.shape
         ws = self.resolution
         nh, nw = H // ws, W // ws
         if nh == 1 and nw == 1:
-            return dw(q)
+            return dw(q.reshape(B, H, W, C)).view(B, H, W, 1, C)
         qw = q.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws, ws, C)
         y = dw(qw)
-        return y.reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, H, W, C)
+        return y.reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, H, W, 1, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, H, W, C]``, ``H`` and ``W`` multiples of the window -> same shape."""
+        B, H, W, C = x.shape
         ws = self.resolution
-        rpb = self._rpb()
-        feats_in = x.chunk(self.num_heads, dim=-1)
+        bias = self._window_bias(H, W)
+        # [B, H, W, heads=1, C]: q/k/v and head outputs are na2d-shaped views, no copies
+        feats_in = x.reshape(B, H, W, 1, C).chunk(self.num_heads, dim=-1)
         feats_out = []
         feat = feats_in[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
             if i > 0:
                 feat = feats_in[i] + feat
             q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
-            q = self._window_dw(dw, q)
             feat = na2d(
-                q.unsqueeze(3),
-                k.unsqueeze(3),
-                v.unsqueeze(3),
+                self._window_dw(dw, q),
+                k,
+                v,
                 kernel_size=ws,
                 stride=ws,
-                rpb=rpb[i : i + 1],
+                attn_bias=bias[:, i : i + 1],
                 scale=self.scale,
-            ).squeeze(3)
+            )
             feats_out.append(feat)
-        return self.proj(torch.cat(feats_out, dim=-1))
+        return self.proj(torch.cat(feats_out, dim=-1)).view(B, H, W, C)
 
 
 class LocalWindowAttention(nn.Module):
