@@ -144,7 +144,8 @@ def gpu_throughput(
     return res
 
 
-def profile_train(model: nn.Module, dev: torch.device, batch: int) -> str:
+def profile_train(model: nn.Module, dev: torch.device, batch: int, cpu: bool = False) -> str:
+    """Top CUDA kernels of two training steps (and, with ``cpu``, top ops by CPU time)."""
     x = torch.randn(batch, 3, 224, 224, device=dev)
     y = torch.randint(0, 1000, (batch,), device=dev)
     step = train_fn(model, x, y)
@@ -153,11 +154,16 @@ def profile_train(model: nn.Module, dev: torch.device, batch: int) -> str:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    with profile(activities=acts) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+    avg = prof.key_averages()
+    text = avg.table(sort_by="self_cuda_time_total", row_limit=12)
+    if cpu:
+        text += "\n" + avg.table(sort_by="cpu_time_total", row_limit=25)
+    return text
 
 
 def cpu_throughput(name: str, batch: int, steps: int, threads: int) -> dict[str, Any]:
@@ -268,7 +274,7 @@ def main() -> None:
         print(name, json.dumps(entry), flush=True)
         if args.profile and name in ("efficientvit_m5", "focalnet_tiny_srf"):
             profiles[name] = {
-                impl: profile_train(m, dev, args.train_batch)
+                impl: profile_train(m, dev, args.train_batch, cpu=impl == "ours")
                 for impl, m in (("ours", ours), ("timm", ref))
             }
         del ref, ours
