@@ -92,11 +92,15 @@ def problem_rows(prob, bw: float) -> list[dict]:
     def mask_mod(bb, hd, qi, ki):
         return allowed[bb, qi // lq, ki // lq]
 
-    block_mask = create_block_mask(mask_mod, b, None, ntok, ntok, device="cuda")
-    flex_c = torch.compile(flex_attention, dynamic=False)
+    flex_state: dict = {}
 
     def flex():
-        return flex_c(qh, kh, vh, block_mask=block_mask, scale=scale)
+        if not flex_state:  # built on first use, inside the row's error handling
+            flex_state["mask"] = create_block_mask(
+                mask_mod, b, None, ntok, ntok, device="cuda", _compile=True
+            )
+            flex_state["fn"] = torch.compile(flex_attention, dynamic=False)
+        return flex_state["fn"](qh, kh, vh, block_mask=flex_state["mask"], scale=scale)
 
     def sdpa():
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
@@ -166,7 +170,7 @@ def problem_rows(prob, bw: float) -> list[dict]:
     return rows
 
 
-def rows(quick: bool) -> list[dict]:
+def rows(quick: bool, verbose: bool = False) -> list[dict]:
     """Benchmark rows (keys of :mod:`.bench`) for every routed problem (``quick``: a subset)."""
     from .bench import copy_bandwidth
 
@@ -175,8 +179,20 @@ def rows(quick: bool) -> list[dict]:
     for prob in PROBLEMS:
         if quick and prob[0] not in QUICK:
             continue
-        out.extend(problem_rows(prob, bw))
+        try:
+            out.extend(problem_rows(prob, bw))
+        except Exception as exc:  # keep the other problems' rows
+            out.append(
+                dict(name=prob[0], op="routed", impl="-", **{"pass": "-"}, ms=None,
+                     roofline_ms=None, pct_roofline=None, tflops=None, peak_mem_mb=None,
+                     speedup_vs_flex=None, note=f"failed: {type(exc).__name__}: {exc}"[:160])
+            )  # fmt: skip
+        torch.cuda.empty_cache()
         print(f"done {prob[0]}", file=sys.stderr, flush=True)
+        if verbose:
+            from .bench import format_table
+
+            print(format_table(out[-8:]), file=sys.stderr, flush=True)
     return out
 
 
@@ -186,7 +202,11 @@ def main() -> int:
 
     from .bench import _fill_speedups, format_table
 
-    rs = rows("--quick" in sys.argv)
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
+    if only:
+        keep = set(only[0].split(","))
+        PROBLEMS[:] = [p for p in PROBLEMS if p[0] in keep]
+    rs = rows("--quick" in sys.argv, verbose=True)
     _fill_speedups(rs)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(format_table(rs))

@@ -475,6 +475,45 @@ def _routed_bwd_dkv_kernel(
     )
 
 
+@triton.jit
+def _inverted_index_kernel(
+    IDX,
+    OFF,
+    REF,
+    sib,
+    sih,
+    sit,
+    sik,
+    IDX_HEADS,
+    T,
+    TOPK,
+    N_KV,
+    N_GROUPS,
+    BLOCK_E: tl.constexpr,
+):
+    # one program per (batch, index head) group: its T*topk entries stay in registers and are
+    # bucketed by kv tile with a running prefix (ascending query tile inside each bucket)
+    g = tl.program_id(0)
+    b = (g // IDX_HEADS).to(tl.int64)
+    hi = g % IDX_HEADS
+    n_e = T * TOPK
+    e = tl.arange(0, BLOCK_E)
+    ok = e < n_e
+    t = e // TOPK
+    j_all = tl.load(IDX + b * sib + hi * sih + t * sit + (e % TOPK) * sik, mask=ok, other=0)
+    j_all = tl.minimum(tl.maximum(j_all.to(tl.int32), 0), N_KV - 1)
+    j_all = tl.where(ok, j_all, -1)
+    base = g * n_e
+    running = base
+    for j in range(0, N_KV):
+        hit = (j_all == j).to(tl.int32)
+        pos = tl.cumsum(hit, 0) - 1
+        tl.store(REF + running + pos, t, mask=hit > 0)
+        tl.store(OFF + g * N_KV + j, running)
+        running += tl.sum(hit, 0)
+    tl.store(OFF + N_GROUPS * N_KV, N_GROUPS * n_e, mask=g == N_GROUPS - 1)
+
+
 # --------------------------------------------------------------------------- host side
 def _prec(dtype: torch.dtype) -> str:
     # float32 inputs keep float32 accuracy (the half types go through the tensor cores anyway)
@@ -544,11 +583,31 @@ def routed_fwd(
     return out, lse
 
 
+# entries per (batch, index head) group that the one-program index kernel keeps in registers
+_INDEX_KERNEL_MAX = 8192
+
+
 def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``idx [B, hi, T, topk]``: ``offsets [B*hi*n_kv_tiles + 1]`` and ``tiles [B*hi*T*topk]``
     so that the query tiles listing kv tile ``j`` of group ``g`` are
-    ``tiles[offsets[g*n_kv_tiles + j] : offsets[g*n_kv_tiles + j + 1]]`` (duplicates kept).
-    Pure tensor ops, no host sync."""
+    ``tiles[offsets[g*n_kv_tiles + j] : offsets[g*n_kv_tiles + j + 1]]`` (duplicates kept, in
+    ascending query-tile order).  One small kernel launch (a stable sort for very large index
+    lists); no host sync either way."""
+    b, hi, t, topk = idx.shape
+    if t * topk <= _INDEX_KERNEL_MAX:
+        groups = b * hi
+        offsets = torch.empty(groups * n_kv_tiles + 1, device=idx.device, dtype=torch.int32)
+        ref_tile = torch.empty(groups * t * topk, device=idx.device, dtype=torch.int32)
+        _inverted_index_kernel[(groups,)](
+            idx, offsets, ref_tile, *idx.stride(), hi, t, topk, n_kv_tiles, groups,
+            BLOCK_E=triton.next_power_of_2(t * topk), num_warps=4,
+        )  # fmt: skip
+        return offsets, ref_tile
+    return _inverted_index_sorted(idx, n_kv_tiles)
+
+
+def _inverted_index_sorted(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_inverted_index` by a stable sort + searchsorted (any size; more launches)."""
     b, hi, t, topk = idx.shape
     groups = b * hi
     j = idx.reshape(groups, t * topk).long().clamp(0, n_kv_tiles - 1)

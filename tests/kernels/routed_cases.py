@@ -57,6 +57,9 @@ _TOL = {
     torch.float16: dict(atol=4e-3, rtol=4e-3),
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
+# gradients are sums over many rows/keys rounded through half precision (P and dS are cast
+# for the tensor cores): their tolerance is a multiple of the forward one, relative to |grad|
+_GRAD_FACTOR = {torch.float32: 2.0, torch.float16: 4.0, torch.bfloat16: 4.0}
 
 
 def _case(rng: random.Random, *, small: bool, device: str = "cpu"):
@@ -117,8 +120,8 @@ def _check_case(mod, q, k, v, idx, tiles, scale, *, with_dlse: bool, gather: boo
         torch.testing.assert_close(
             a.float(),
             b.float(),
-            atol=tol["atol"] * mag * 2,
-            rtol=tol["rtol"] * 2,
+            atol=tol["atol"] * mag * _GRAD_FACTOR[q.dtype],
+            rtol=tol["rtol"] * _GRAD_FACTOR[q.dtype],
             msg=lambda m, n=name: f"d{n}: {m}",
         )
     if gather:
@@ -130,7 +133,10 @@ def _check_case(mod, q, k, v, idx, tiles, scale, *, with_dlse: bool, gather: boo
             for a, b in zip(got, (qg.grad, kg.grad, vg.grad)):
                 mag = b.abs().max().item() + 1.0
                 torch.testing.assert_close(
-                    a.double(), b, atol=tol["atol"] * mag * 2, rtol=tol["rtol"] * 2
+                    a.double(),
+                    b,
+                    atol=tol["atol"] * mag * _GRAD_FACTOR[q.dtype],
+                    rtol=tol["rtol"] * _GRAD_FACTOR[q.dtype],
                 )
 
 
@@ -181,9 +187,25 @@ def test_interpreted_public_api_autograd(interp, monkeypatch):
 
 def test_inverted_index(interp):
     idx = torch.tensor([[[[2, 0, 2], [1, 2, 2]]], [[[0, 0, 0], [1, 1, 2]]]])  # [B=2, 1, T=2, 3]
-    off, tiles = interp._inverted_index(idx, 3)
-    lists = [tiles[off[i] : off[i + 1]].tolist() for i in range(6)]
-    assert lists == [[0], [1], [0, 0, 1, 1], [0, 0, 0], [1, 1], [1]]
+    want = [[0], [1], [0, 0, 1, 1], [0, 0, 0], [1, 1], [1]]
+    for build in (interp._inverted_index, interp._inverted_index_sorted):
+        off, tiles = build(idx, 3)
+        assert [tiles[off[i] : off[i + 1]].tolist() for i in range(6)] == want
+    # kernel vs sort on a random per-head list with a kv grid of its own size
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 7, (2, 3, 5, 4), generator=g).int()[:, :, :, 1:]  # strided view
+    a, b = interp._inverted_index(idx, 7), interp._inverted_index_sorted(idx, 7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_forward_without_lse(interp):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 4, 4, 2, 16, generator=g) for _ in range(3))
+    idx = torch.randint(0, 4, (1, 4, 3), generator=g)
+    out, lse = interp.routed_fwd(q, k, v, idx, (2, 2, 2, 2), 0.3, True)
+    out2, lse2 = interp.routed_fwd(q, k, v, idx, (2, 2, 2, 2), 0.3, False)
+    assert lse2.numel() == 0
+    torch.testing.assert_close(out, out2)
 
 
 @pytest.mark.slow
