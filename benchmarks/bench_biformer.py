@@ -83,8 +83,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def agreement(ob: types.ModuleType, dev: torch.device) -> dict[str, Any]:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     res: dict[str, Any] = {}
     for tag, overrides, size in (
         ("cls_224_nwin7", {}, (224, 224)),
@@ -109,8 +109,7 @@ def agreement(ob: types.ModuleType, dev: torch.device) -> dict[str, Any]:
             max_abs_logit=ref.abs().max().item(),
         )
         del off, ours
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return res
 
 
