@@ -60,6 +60,7 @@ __all__ = [
     "GlobalAttention",
     "checkpoint_filter_fn",
     "from_official",
+    "official_model_args",
     "official_to_ours_kwargs",
 ]
 
@@ -813,6 +814,53 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: BiFormer) -> dict
     return out
 
 
+def official_model_args(
+    state_dict: Mapping[str, Any],
+    official_kwargs: Mapping[str, Any] | None = None,
+    *,
+    variant: str | None = None,
+    family: str = "biformer",
+) -> tuple[str, dict[str, Any]]:
+    """Registered model name and kwargs that build our counterpart of an official model.
+
+    ``timm.create_model(name, **kwargs)`` builds it (``kwargs`` is what a Hub ``config.json``
+    stores as ``model_args``). ``official_kwargs`` are the official ``BiFormer`` constructor's
+    arguments (official names); when None, ``variant`` (``"biformer_tiny"``, ``"_small"``,
+    ``"_base"``) supplies them. ``num_classes`` follows the checkpoint's head (0 without one);
+    an mm-backbone checkpoint (``extra_norms`` present) gives ``dense_norms=True``.
+    """
+    if family != "biformer":
+        raise ValueError(f"family: {family!r} is not handled here (only 'biformer')")
+    if variant is not None and variant not in OFFICIAL_VARIANTS:
+        raise ValueError(
+            f"variant: {variant!r} is not one of {sorted(OFFICIAL_VARIANTS)}; "
+            "give official_kwargs instead"
+        )
+    if official_kwargs is None:
+        if variant is None:
+            raise ValueError("official_kwargs: give the official constructor kwargs or variant")
+        official_kwargs = OFFICIAL_VARIANTS[variant]
+    kwargs = official_to_ours_kwargs(official_kwargs)
+    sd = _strip_wrappers(state_dict)
+    if any(k.startswith("extra_norms.") for k in sd):
+        kwargs["dense_norms"] = True
+    head = sd.get("head.weight")
+    kwargs["num_classes"] = 0 if head is None else int(head.shape[0])
+    if variant is None:
+        # name the official variant with the same layers, else the smallest (the kwargs
+        # fully determine the model either way)
+        layout = ("depths", "embed_dims", "qk_dims")
+        variant = next(
+            (
+                n
+                for n, kw in OFFICIAL_VARIANTS.items()
+                if all(official_to_ours_kwargs(kw)[f] == kwargs[f] for f in layout)
+            ),
+            "biformer_tiny",
+        )
+    return variant, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
 def from_official(
     state_dict: Mapping[str, Any],
     official_kwargs: Mapping[str, Any] | None = None,
@@ -830,29 +878,16 @@ def from_official(
         variant: ``"biformer_tiny"``, ``"biformer_small"`` or ``"biformer_base"``.
         family: must be ``"biformer"``.
 
-    An mm-backbone checkpoint (``extra_norms`` present) gives the dense layout
-    (``dense_norms=True``, no classifier); a checkpoint without ``head`` gives no classifier.
+    Returns the model in eval mode, built with ``timm.create_model`` (so it carries a
+    ``pretrained_cfg``); ``model.model_args`` holds the kwargs that rebuild it. See
+    :func:`official_model_args` for how the configuration follows the checkpoint.
     """
-    if family != "biformer":
-        raise ValueError(f"family: {family!r} is not handled here (only 'biformer')")
-    if official_kwargs is None:
-        if variant not in OFFICIAL_VARIANTS:
-            raise ValueError(
-                f"variant: {variant!r} is not one of {sorted(OFFICIAL_VARIANTS)}; "
-                "give official_kwargs instead"
-            )
-        official_kwargs = OFFICIAL_VARIANTS[variant]
-    kwargs = official_to_ours_kwargs(official_kwargs)
-    sd = _strip_wrappers(state_dict)
-    dense = any(k.startswith("extra_norms.") for k in sd)
-    if dense:
-        kwargs["dense_norms"] = True
-    if "head.weight" in sd:
-        kwargs["num_classes"] = sd["head.weight"].shape[0]
-    else:
-        kwargs["num_classes"] = 0
-    model = BiFormer(**kwargs)
-    model.load_state_dict(convert_official_state_dict(sd), strict=True)
+    import timm  # deferred: create_model needs this module's registrations done
+
+    name, kwargs = official_model_args(state_dict, official_kwargs, variant=variant, family=family)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.load_state_dict(convert_official_state_dict(_strip_wrappers(state_dict)), strict=True)
+    model.model_args = kwargs
     return model.eval()
 
 

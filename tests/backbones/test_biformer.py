@@ -349,3 +349,18 @@ def test_cuda_matches_cpu_reference_fp32_and_bf16() -> None:
         loss = gpu(x.cuda()).float().logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())
+
+
+def test_cli_convert_writes_a_hub_folder_timm_reloads(parity, parity_path: Path, tmp_path) -> None:
+    from visionattn.cli import main
+
+    tensors, meta = parity
+    ckpt = tmp_path / "official.pth"
+    torch.save({"model": _official_sd(tensors)}, ckpt)
+    out = tmp_path / "hub"
+    kwargs = "@" + str(parity_path / "biformer_tiny_reduced.json")
+    assert main(["convert", "--family", "biformer", str(ckpt), str(out), "--kwargs", kwargs]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        logits = model(tensors[meta["input_key"]])
+    assert (logits - tensors["output"]).abs().max().item() <= 1e-4
