@@ -184,6 +184,15 @@ def bench_one(impl: str, name: str, args: argparse.Namespace, device: torch.devi
     return res
 
 
+def _write(out_dir: str, gpu: str, payload: dict) -> None:
+    """``nat_<gpu>.json`` into ``out_dir`` and $OUT (rewritten after every entry, so a run cut
+    short still leaves what it measured)."""
+    slug = gpu.split()[1].lower() if gpu.startswith("NVIDIA ") else gpu.replace(" ", "_").lower()
+    for d in {out_dir, os.environ.get("OUT")} - {None, ""}:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"nat_{slug}.json").write_text(json.dumps(payload, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -240,6 +249,7 @@ def main() -> None:
             traceback.print_exc()
             results.append(dict(impl=impl, model=name, error=f"{type(e).__name__}: {e}"[:500]))
         print(json.dumps(results[-1]), flush=True)
+        _write(args.out_dir, gpu, dict(env=env, results=results))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -254,11 +264,6 @@ def main() -> None:
                 f"{r['impl']:9} {r['model']:30} {r['infer_img_s']:>12} {r['train_img_s']:>12} "
                 f"{r.get('peak_mem_gib', '-'):>8}"
             )
-    slug = gpu.split()[1].lower() if gpu.startswith("NVIDIA ") else gpu.replace(" ", "_").lower()
-    payload = dict(env=env, results=results)
-    for d in {args.out_dir, os.environ.get("OUT")} - {None, ""}:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / f"nat_{slug}.json").write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":
