@@ -96,12 +96,20 @@ class ConvNorm(nn.Module):
         )  # fmt: skip
         self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
-    def _apply_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if self.pointwise:
+    def _apply_conv(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nchw_in: bool = False
+    ) -> torch.Tensor:
+        if self.pointwise and not nchw_in:
             # any leading dims; w is [out, in] (folded) or the conv's [out, in, 1, 1]
             return F.linear(x, w if w.dim() == 2 else w.flatten(1), b)
         c = self.conv
-        return _nhwc(F.conv2d(_nchw(x), w, b, c.stride, c.padding, c.dilation, c.groups))
+        if nchw_in:
+            # a channels-last weight makes the conv write channels-last output straight from
+            # the NCHW image, with no channels-last copy of the (fp32) input
+            w = w.contiguous(memory_format=torch.channels_last)
+        else:
+            x = _nchw(x)
+        return _nhwc(F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups))
 
     def _folded_params(
         self, dtype: torch.dtype, identity: bool
@@ -130,6 +138,8 @@ class ConvNorm(nn.Module):
                 w[:, 0, centre, centre] += 1.0
         if self.pointwise:
             w = w.flatten(1)
+        else:
+            w = w.contiguous(memory_format=torch.channels_last)
         w, b = w.to(dtype), b.to(dtype)
         self._folded = (key, w, b)
         return w, b
@@ -155,21 +165,25 @@ class ConvNorm(nn.Module):
         )
         return out.view(y.shape)
 
-    def forward(self, x: torch.Tensor, identity: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, identity: bool = False, nchw_in: bool = False
+    ) -> torch.Tensor:
         """``x``: ``[B, H, W, C_in]`` -> ``[B, H', W', C_out]``; ``identity`` adds ``x``.
 
-        Pointwise convs accept any leading dims.
+        Pointwise convs accept any leading dims; ``nchw_in`` takes an NCHW ``x`` (the image).
         """
+        if nchw_in and identity:
+            raise ValueError("identity: not supported with nchw_in")
         if _fold_enabled(self):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)
             w, b = self._folded_params(dtype, identity and self.can_fold_identity)
-            y = self._apply_conv(x, w, b)
+            y = self._apply_conv(x, w, b, nchw_in)
             if identity and not self.can_fold_identity:
                 y = x + y
             return y
-        y = self._batch_norm(self._apply_conv(x, self.conv.weight, None))
+        y = self._batch_norm(self._apply_conv(x, self.conv.weight, None, nchw_in))
         return x + y if identity else y
 
     def _apply(self, fn, *args, **kwargs):
@@ -499,8 +513,7 @@ class PatchEmbedding(nn.Module):
         self.patch_size = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _nhwc(x.contiguous(memory_format=torch.channels_last))
-        x = self.relu1(self.conv1(x))
+        x = self.relu1(self.conv1(x, nchw_in=True))
         x = self.relu2(self.conv2(x))
         x = self.relu3(self.conv3(x))
         return _nchw(self.conv4(x))

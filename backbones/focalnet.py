@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
@@ -184,7 +185,10 @@ class Downsample(nn.Module):
         self.norm = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        # a channels-last weight gives channels-last output even from an NCHW image, without
+        # a channels-last copy of the (fp32) input
+        w = self.proj.weight.contiguous(memory_format=torch.channels_last)
+        x = F.conv2d(x, w, self.proj.bias, self.proj.stride, self.proj.padding)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
