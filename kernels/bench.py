@@ -89,7 +89,7 @@ def _dense_mask_and_bias(spatial, ks, st, dl, border, heads, rpb):
     bias = None
     if rpb is not None:
         bias = torch.zeros(heads, ntok, ntok + 1, dtype=torch.float32, device="cuda")
-        vals = rpb.float().reshape(heads, -1)[:, rel]  # [h, N, K]
+        vals = rpb.detach().float().reshape(heads, -1)[:, rel]  # [h, N, K], fixed for flex
         idx = torch.where(ok, key, ntok).expand(heads, -1, -1)
         bias.scatter_(2, idx, vals)
         bias = bias[:, :, :ntok].contiguous()
@@ -138,7 +138,8 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
     def mask_mod(bb, hh, qi, ki):
         return mask[qi, ki]
 
-    block_mask = create_block_mask(mask_mod, None, None, ntok, ntok, device="cuda")
+    # compiled mask creation: the eager path materialises N x N index tensors (OOM at 128x128)
+    block_mask = create_block_mask(mask_mod, None, None, ntok, ntok, device="cuda", _compile=True)
     flex_c = torch.compile(flex_attention, dynamic=False)
     score_mod = None
     if bias is not None:

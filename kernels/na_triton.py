@@ -181,75 +181,70 @@ def _na_fwd_kernel(
 
     c = tl.arange(0, BLOCK_N)
     c0, c1, c2 = _decode3(c, KB1, KB2)
-    k_base = Kp + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    # One flat loop over the key blocks of the box (not three nested ones): Triton
-    # software-pipelines only the innermost loop, and the nested inner loops ran 1-2 times.
-    nb0 = tl.maximum((hi0 - lo0 + KB0 - 1) // KB0, 0)
-    nb1 = tl.maximum((hi1 - lo1 + KB1 - 1) // KB1, 0)
-    nb2 = tl.maximum((hi2 - lo2 + KB2 - 1) // KB2, 0)
-    for it in range(0, nb0 * nb1 * nb2):
-        kp0 = lo0 + (it // (nb1 * nb2)) * KB0 + c0
-        kp1 = lo1 + ((it // nb2) % nb1) * KB1 + c1
-        kp2 = lo2 + (it % nb2) * KB2 + c2
-        mask = (kp0[None, :] >= wl0[:, None]) & (kp0[None, :] <= wh0[:, None]) & row_ok[:, None]
-        mask = mask & (kp1[None, :] >= wl1[:, None]) & (kp1[None, :] <= wh1[:, None])
-        mask = mask & (kp2[None, :] >= wl2[:, None]) & (kp2[None, :] <= wh2[:, None])
-        in_map = (kp0 >= 0) & (kp0 < lg0) & (kp1 >= 0) & (kp1 < lg1)
-        in_map = in_map & (kp2 >= 0) & (kp2 < lg2)
-        ki0 = kp0 * D0 + g0
-        ki1 = kp1 * D1 + g1
-        ki2 = kp2 * D2 + g2
-        k_off = ki0 * sk0 + ki1 * sk1 + ki2 * sk2
-        kt = tl.load(
-            k_base + k_off[None, :] + dq_[:, None] * skd,
-            mask=in_map[None, :] & (dq_[:, None] < dk_real),
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * scale2
-        if HAS_BIAS:
-            tt = ((kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])) * K2
-            tt = tt + (kp2[None, :] - st2[:, None])
-            bv = tl.load(bias_row[:, None] + tt, mask=mask, other=0.0)
-            s = s + bv.to(tl.float32) * 1.4426950408889634
-        s = tl.where(mask, s, float("-inf"))
-        v_off = ki0 * sv0 + ki1 * sv1 + ki2 * sv2
-        vv = tl.load(
-            v_base + v_off[:, None] + dv_[None, :] * svd,
-            mask=in_map[:, None] & (dv_[None, :] < dv_real),
-            other=0.0,
-        )
-        if BWD:
-            p = tl.exp2(s - lse2[:, None])
-            if IEEE:
-                dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
-            else:
-                dp = tl.dot(do, tl.trans(vv))
-            ds = p * (dp - delta[:, None])
-            if WRITE_DBIAS:
-                tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
-                tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
-                dbias_row = DBIAS + ((b * H + h) * NTOK + qflat) * KT
-                tl.store(dbias_row[:, None] + tt2, ds, mask=mask)
-            if IEEE:
-                dq_acc += tl.dot(ds, tl.trans(kt), input_precision="ieee")
-            else:
-                dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if IEEE:
-                acc += tl.dot(p, vv, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
+    for j0 in range(lo0, hi0, KB0):
+        kp0 = j0 + c0
+        m0 = (kp0[None, :] >= wl0[:, None]) & (kp0[None, :] <= wh0[:, None]) & row_ok[:, None]
+        for j1 in range(lo1, hi1, KB1):
+            kp1 = j1 + c1
+            m01 = m0 & (kp1[None, :] >= wl1[:, None]) & (kp1[None, :] <= wh1[:, None])
+            for j2 in range(lo2, hi2, KB2):
+                kp2 = j2 + c2
+                mask = m01 & (kp2[None, :] >= wl2[:, None]) & (kp2[None, :] <= wh2[:, None])
+                in_map = (kp0 >= 0) & (kp0 < lg0) & (kp1 >= 0) & (kp1 < lg1)
+                in_map = in_map & (kp2 >= 0) & (kp2 < lg2)
+                ki0 = kp0 * D0 + g0
+                ki1 = kp1 * D1 + g1
+                ki2 = kp2 * D2 + g2
+                k_off = b * skb + ki0 * sk0 + ki1 * sk1 + ki2 * sk2 + h * skh
+                kt = tl.load(
+                    Kp + k_off[None, :] + dq_[:, None] * skd,
+                    mask=in_map[None, :] & (dq_[:, None] < dk_real),
+                    other=0.0,
+                )
+                if IEEE:
+                    s = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    s = tl.dot(q, kt)
+                s = s * scale2
+                if HAS_BIAS:
+                    tt = ((kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])) * K2
+                    tt = tt + (kp2[None, :] - st2[:, None])
+                    bv = tl.load(bias_row[:, None] + tt, mask=mask, other=0.0)
+                    s = s + bv.to(tl.float32) * 1.4426950408889634
+                s = tl.where(mask, s, float("-inf"))
+                v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
+                vv = tl.load(
+                    V + v_off[:, None] + dv_[None, :] * svd,
+                    mask=in_map[:, None] & (dv_[None, :] < dv_real),
+                    other=0.0,
+                )
+                if BWD:
+                    p = tl.exp2(s - lse2[:, None])
+                    if IEEE:
+                        dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
+                    else:
+                        dp = tl.dot(do, tl.trans(vv))
+                    ds = p * (dp - delta[:, None])
+                    if WRITE_DBIAS:
+                        tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
+                        tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
+                        dbias_row = DBIAS + ((b * H + h) * NTOK + qflat) * KT
+                        tl.store(dbias_row[:, None] + tt2, ds, mask=mask)
+                    if IEEE:
+                        dq_acc += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+                    else:
+                        dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None]
+                    if IEEE:
+                        acc += tl.dot(p, vv, input_precision="ieee")
+                    else:
+                        acc += tl.dot(p.to(vv.dtype), vv)
+                    m_i = m_new
 
     if BWD:
         dq_acc = dq_acc * (scale2 * 0.6931471805599453)
@@ -339,65 +334,62 @@ def _na_bwd_kv_kernel(
 
     r = tl.arange(0, BLOCK_M)
     r0, r1, r2 = _decode3(r, QB1, QB2)
-    nb0 = tl.maximum((hi0 - lo0 + QB0 - 1) // QB0, 0)
-    nb1 = tl.maximum((hi1 - lo1 + QB1 - 1) // QB1, 0)
-    nb2 = tl.maximum((hi2 - lo2 + QB2 - 1) // QB2, 0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sob + h * soh
-    for it in range(0, nb0 * nb1 * nb2):  # flat, so the loop is software-pipelined
-        qp0 = lo0 + (it // (nb1 * nb2)) * QB0 + r0
-        qp1 = lo1 + ((it // nb2) % nb1) * QB1 + r1
-        qp2 = lo2 + (it % nb2) * QB2 + r2
+    for i0 in range(lo0, hi0, QB0):
+        qp0 = i0 + r0
         st0, wl0, wh0 = _window(qp0, lg0, K0, S0, C0, ZERO)
-        st1, wl1, wh1 = _window(qp1, lg1, K1, S1, C1, ZERO)
-        st2, wl2, wh2 = _window(qp2, lg2, K2, S2, C2, ZERO)
-        q_ok = (qp0 < hi0) & (qp1 < hi1) & (qp2 < hi2)
-        mask = (kp0[:, None] >= wl0[None, :]) & (kp0[:, None] <= wh0[None, :]) & key_ok[:, None]
-        mask = mask & (kp1[:, None] >= wl1[None, :]) & (kp1[:, None] <= wh1[None, :])
-        mask = mask & (kp2[:, None] >= wl2[None, :]) & (kp2[:, None] <= wh2[None, :])
-        mask = mask & q_ok[None, :]
-        qi0 = qp0 * D0 + g0
-        qi1 = qp1 * D1 + g1
-        qi2 = qp2 * D2 + g2
-        q_off = qi0 * sq0 + qi1 * sq1 + qi2 * sq2
-        qt = tl.load(
-            q_base + q_off[None, :] + dq_[:, None] * sqd,
-            mask=q_ok[None, :] & (dq_[:, None] < dk_real),
-            other=0.0,
-        )
-        o_off = qi0 * so0 + qi1 * so1 + qi2 * so2
-        dot_ = tl.load(
-            do_base + o_off[None, :] + dv_[:, None] * sod,
-            mask=q_ok[None, :] & (dv_[:, None] < dv_real),
-            other=0.0,
-        )
-        qflat = (qi0 * L1 + qi1) * L2 + qi2
-        lse_off = (b * NTOK + qflat) * H + h
-        lse2 = tl.load(LSE + lse_off, mask=q_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_off, mask=q_ok, other=0.0)
-        if IEEE:
-            st = tl.dot(kk, qt, input_precision="ieee")
-        else:
-            st = tl.dot(kk, qt)
-        st = st * scale2
-        if HAS_BIAS:
-            tt = ((kp0[:, None] - st0[None, :]) * K1 + (kp1[:, None] - st1[None, :])) * K2
-            tt = tt + (kp2[:, None] - st2[None, :])
-            bptr = BIAS + b * sbb + h * sbh + qflat[None, :] * KT + tt
-            bv = tl.load(bptr, mask=mask, other=0.0)
-            st = st + bv.to(tl.float32) * 1.4426950408889634
-        pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
-        if IEEE:
-            dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
-            dpt = tl.dot(vv, dot_, input_precision="ieee")
-        else:
-            dv_acc += tl.dot(pt.to(dot_.dtype), tl.trans(dot_))
-            dpt = tl.dot(vv, dot_)
-        dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dk_acc += tl.dot(dst, tl.trans(qt), input_precision="ieee")
-        else:
-            dk_acc += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+        m0 = (kp0[:, None] >= wl0[None, :]) & (kp0[:, None] <= wh0[None, :]) & key_ok[:, None]
+        for i1 in range(lo1, hi1, QB1):
+            qp1 = i1 + r1
+            st1, wl1, wh1 = _window(qp1, lg1, K1, S1, C1, ZERO)
+            m01 = m0 & (kp1[:, None] >= wl1[None, :]) & (kp1[:, None] <= wh1[None, :])
+            for i2 in range(lo2, hi2, QB2):
+                qp2 = i2 + r2
+                st2, wl2, wh2 = _window(qp2, lg2, K2, S2, C2, ZERO)
+                q_ok = (qp0 < hi0) & (qp1 < hi1) & (qp2 < hi2)
+                mask = m01 & (kp2[:, None] >= wl2[None, :]) & (kp2[:, None] <= wh2[None, :])
+                mask = mask & q_ok[None, :]
+                qi0 = qp0 * D0 + g0
+                qi1 = qp1 * D1 + g1
+                qi2 = qp2 * D2 + g2
+                q_off = b * sqb + qi0 * sq0 + qi1 * sq1 + qi2 * sq2 + h * sqh
+                qt = tl.load(
+                    Q + q_off[None, :] + dq_[:, None] * sqd,
+                    mask=q_ok[None, :] & (dq_[:, None] < dk_real),
+                    other=0.0,
+                )
+                o_off = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
+                dot_ = tl.load(
+                    DO + o_off[None, :] + dv_[:, None] * sod,
+                    mask=q_ok[None, :] & (dv_[:, None] < dv_real),
+                    other=0.0,
+                )
+                qflat = (qi0 * L1 + qi1) * L2 + qi2
+                lse_off = (b * NTOK + qflat) * H + h
+                lse2 = tl.load(LSE + lse_off, mask=q_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + lse_off, mask=q_ok, other=0.0)
+                if IEEE:
+                    st = tl.dot(kk, qt, input_precision="ieee")
+                else:
+                    st = tl.dot(kk, qt)
+                st = st * scale2
+                if HAS_BIAS:
+                    tt = ((kp0[:, None] - st0[None, :]) * K1 + (kp1[:, None] - st1[None, :])) * K2
+                    tt = tt + (kp2[:, None] - st2[None, :])
+                    bptr = BIAS + b * sbb + h * sbh + qflat[None, :] * KT + tt
+                    bv = tl.load(bptr, mask=mask, other=0.0)
+                    st = st + bv.to(tl.float32) * 1.4426950408889634
+                pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
+                if IEEE:
+                    dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
+                    dpt = tl.dot(vv, dot_, input_precision="ieee")
+                else:
+                    dv_acc += tl.dot(pt.to(dot_.dtype), tl.trans(dot_))
+                    dpt = tl.dot(vv, dot_)
+                dst = pt * (dpt - delta[None, :])
+                if IEEE:
+                    dk_acc += tl.dot(dst, tl.trans(qt), input_precision="ieee")
+                else:
+                    dk_acc += tl.dot(dst.to(qt.dtype), tl.trans(qt))
 
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
     dk_off = b * sgb + ki0 * sg0 + ki1 * sg1 + ki2 * sg2 + h * sgh
@@ -441,17 +433,16 @@ _DEFAULT_QB = {1: (1, 1, 64), 2: (1, 8, 16), 3: (4, 4, 4)}
 
 
 def _head_pads(dk: int, dv: int) -> tuple[int, int]:
-    """Padded (power-of-two) head dims. A 16-wide operand next to a wider one gave wrong
-    results on H200 (Triton 3.6, fp16/bf16), so a 16 is raised to 32 in mixed cases."""
+    """Padded (power-of-two >= 16) head dims. On H200 (Triton 3.6) fp16/bf16 kernels with a
+    padded v head narrower than the q/k head (e.g. 64/32, 32/16) gave wrong results or illegal
+    addresses while every dv >= dk case was right, so v is padded to at least q/k's width."""
     dkp, dvp = next_pow2(dk), next_pow2(dv)
-    if max(dkp, dvp) > 16:
-        dkp, dvp = max(dkp, 32), max(dvp, 32)
-    return dkp, dvp
+    return dkp, max(dvp, dkp)
 
 
 def _launch_opts(bwd: bool = False, fp32_wide: bool = False) -> dict:
     opts = {}
-    if fp32_wide:  # fp32 tiles with 128-wide heads overflow shared memory when pipelined
+    if fp32_wide:  # fp32 tiles with wide heads overflow shared memory when pipelined
         opts["num_stages"] = 1
     w = _TUNE.get("bwd_warps" if bwd else "warps")
     if w:
@@ -529,7 +520,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams):
     bias_t, sbb, sbh = _bias_args(bias, q)
     dkp, dvp = _head_pads(dk, dv)
     ieee = q.dtype == torch.float32
-    wide = ieee and max(dkp, dvp) >= 128
+    wide = ieee and max(dkp, dvp) >= 64
     grid = (math.prod(nt) * math.prod(D) * H, B)
     _na_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, q, q, q, q,
@@ -578,7 +569,7 @@ def backward(
     bias_t, sbb, sbh = _bias_args(bias, q)
     ieee = q.dtype == torch.float32
     DKp, DVp = _head_pads(dk, dv)
-    wide = ieee and max(DKp, DVp) >= 128
+    wide = ieee and max(DKp, DVp) >= 64
 
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
     nt = [-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3)]
