@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Mapping
@@ -265,6 +266,22 @@ def _check_resume_config(cfg: TrainConfig, saved: Mapping[str, Any]) -> None:
         )
 
 
+def make_accelerator(**kwargs: Any) -> Any:
+    """An ``Accelerator``; in a single, non-launched process any earlier one is discarded.
+
+    accelerate keeps its state in process-wide singletons, so a second run in the same
+    python process (a notebook, the tests) with another precision would otherwise fail.
+    Under ``accelerate launch``/``torchrun`` (``WORLD_SIZE`` > 1) the state is left alone.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def _fresh_accumulators(device: torch.device, keep_interval: dict | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "epoch_loss": torch.zeros((), dtype=torch.float64, device=device),
@@ -291,7 +308,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     or a resumed checkpoint does not fit.
     """
     import timm
-    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from timm.data import Mixup
     from timm.loss import (
@@ -326,7 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"checkpoint, {len(new)} now; differing: {diff or 'same names, other order'})"
         )
 
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         mixed_precision=cfg.amp,
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=cfg.cpu,

@@ -39,7 +39,6 @@ def validate(
     embedded digits split. Returns ``{"top1", "top5", "loss", "count", ...}`` (percent).
     """
     import timm
-    from accelerate import Accelerator
     from timm.data import create_transform, resolve_data_config
 
     import visionattn  # noqa: F401  (registers our models)
@@ -50,7 +49,7 @@ def validate(
         eval_dataset,
         make_loader,
     )
-    from visionattn.train.trainer import evaluate
+    from visionattn.train.trainer import evaluate, make_accelerator
 
     if amp not in AMP_MODES:
         raise ValueError(f"amp: must be one of {AMP_MODES}, got {amp!r}")
@@ -116,7 +115,7 @@ def validate(
         crop_pct=dc.get("crop_pct"),
         crop_mode=dc.get("crop_mode"),
     )
-    accelerator = Accelerator(mixed_precision=amp, cpu=cpu)
+    accelerator = make_accelerator(mixed_precision=amp, cpu=cpu)
     sampler = EpochBatchSampler(
         len(dataset),
         batch_size,

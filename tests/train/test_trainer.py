@@ -226,3 +226,34 @@ def test_bench_models_table_and_json(tmp_path: Path, capsys) -> None:
     for r in rows:
         assert r["infer_img_per_s"] > 0 and r["train_img_per_s"] > 0
     assert bench_models_main(["not_a_model_zz"]) == 2
+
+
+def test_speed_switches_train_together(tmp_path: Path) -> None:
+    # bf16 autocast (accelerate on the CPU), channels_last, gradient checkpointing,
+    # accumulation over 3 micro-batches, value clipping and EMA in one short run
+    out = train(
+        _cfg(
+            tmp_path,
+            run_name="sw",
+            amp="bf16",
+            channels_last=True,
+            grad_checkpointing=True,
+            grad_accum=3,
+            clip_grad=0.5,
+            clip_mode="value",
+            ema=True,
+            batch_size=32,
+            stop_after=3,
+        )
+    )
+    assert out["stopped_early"] and out["num_updates"] == 3
+    state = load_checkpoint(Path(out["run_dir"]))
+    assert state["micro_step"] == 9
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_torch_compile_run(tmp_path: Path) -> None:
+    out = train(_cfg(tmp_path, run_name="c", compile=True, epochs=1, warmup_epochs=0))
+    assert out["final"]["top1"] > 20.0
