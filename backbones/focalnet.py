@@ -89,11 +89,12 @@ class FocalModulation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
         C, L = self.dim, self.focal_level
-        qcg = self.f(x)
-        q = qcg[..., :C]
-        # NCHW views of channels-last memory: the depthwise convs read them in place
-        ctx = qcg[..., C : 2 * C].permute(0, 3, 1, 2)
-        gates = qcg[..., 2 * C :].permute(0, 3, 1, 2)
+        # one split (its backward is one concat, where three slices would each zero-fill and
+        # copy a full-width gradient)
+        q, ctx, gates = self.f(x).split([C, C, L + 1], dim=-1)
+        # NCHW views of channels-last memory for the depthwise convs and the gating
+        ctx = ctx.permute(0, 3, 1, 2)
+        gates = gates.permute(0, 3, 1, 2)
         ctx_all = None
         for level, focal_layer in enumerate(self.focal_layers):
             ctx = focal_layer(ctx)
