@@ -105,6 +105,9 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
     from . import na2d
 
     name, spatial, ks, st, dl, b, h, d, border, use_rpb = prob
+    # Every problem recompiles flex; past dynamo's recompile limit torch silently runs flex
+    # eagerly (materialised scores), which made later flex rows meaningless.
+    torch._dynamo.reset()
     ntok = math.prod(spatial)
     kt = ks ** len(spatial)
     dt = torch.bfloat16
