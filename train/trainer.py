@@ -616,6 +616,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             position=1,
         )
         t_epoch = time.perf_counter()
+        # step-log rates cover training only, not the validation and saving before this
+        last_log_t, last_log_step = t_epoch, num_updates
         micro = skip
         for x, y in train_loader:
             x = x.to(device, non_blocking=True)
