@@ -491,9 +491,12 @@ def _inverted_index_kernel(
     N_GROUPS,
     BLOCK_E: tl.constexpr,
 ):
-    # one program per (batch, index head) group: its T*topk entries stay in registers and are
-    # bucketed by kv tile with a running prefix (ascending query tile inside each bucket)
-    g = tl.program_id(0)
+    # one program per (group, kv tile j), group = (batch, index head): it scans the group's
+    # T*topk entries once; its bucket starts after every entry with a smaller tile number, so
+    # no program waits for another.  Inside a bucket the query tiles stay in ascending order.
+    pid = tl.program_id(0)
+    g = pid // N_KV
+    j = pid % N_KV
     b = (g // IDX_HEADS).to(tl.int64)
     hi = g % IDX_HEADS
     n_e = T * TOPK
@@ -502,16 +505,12 @@ def _inverted_index_kernel(
     t = e // TOPK
     j_all = tl.load(IDX + b * sib + hi * sih + t * sit + (e % TOPK) * sik, mask=ok, other=0)
     j_all = tl.minimum(tl.maximum(j_all.to(tl.int32), 0), N_KV - 1)
-    j_all = tl.where(ok, j_all, -1)
-    base = g * n_e
-    running = base
-    for j in range(0, N_KV):
-        hit = (j_all == j).to(tl.int32)
-        pos = tl.cumsum(hit, 0) - 1
-        tl.store(REF + running + pos, t, mask=hit > 0)
-        tl.store(OFF + g * N_KV + j, running)
-        running += tl.sum(hit, 0)
-    tl.store(OFF + N_GROUPS * N_KV, N_GROUPS * n_e, mask=g == N_GROUPS - 1)
+    start = g * n_e + tl.sum((ok & (j_all < j)).to(tl.int32), 0)
+    hit = (ok & (j_all == j)).to(tl.int32)
+    pos = tl.cumsum(hit, 0) - 1
+    tl.store(REF + start + pos, t, mask=hit > 0)
+    tl.store(OFF + pid, start)
+    tl.store(OFF + N_GROUPS * N_KV, N_GROUPS * n_e, mask=pid == 0)
 
 
 # --------------------------------------------------------------------------- host side
@@ -591,14 +590,14 @@ def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, t
     """For ``idx [B, hi, T, topk]``: ``offsets [B*hi*n_kv_tiles + 1]`` and ``tiles [B*hi*T*topk]``
     so that the query tiles listing kv tile ``j`` of group ``g`` are
     ``tiles[offsets[g*n_kv_tiles + j] : offsets[g*n_kv_tiles + j + 1]]`` (duplicates kept, in
-    ascending query-tile order).  One small kernel launch (a stable sort for very large index
-    lists); no host sync either way."""
+    ascending query-tile order).  One small kernel launch (a stable sort for index lists too
+    long to keep in registers); no host sync either way."""
     b, hi, t, topk = idx.shape
     if t * topk <= _INDEX_KERNEL_MAX:
         groups = b * hi
         offsets = torch.empty(groups * n_kv_tiles + 1, device=idx.device, dtype=torch.int32)
         ref_tile = torch.empty(groups * t * topk, device=idx.device, dtype=torch.int32)
-        _inverted_index_kernel[(groups,)](
+        _inverted_index_kernel[(groups * n_kv_tiles,)](
             idx, offsets, ref_tile, *idx.stride(), hi, t, topk, n_kv_tiles, groups,
             BLOCK_E=triton.next_power_of_2(t * topk), num_warps=4,
         )  # fmt: skip
