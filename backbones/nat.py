@@ -1095,13 +1095,16 @@ def from_official(
     wrapping it). ``official_kwargs``: the official constructor's kwargs (official names, e.g.
     a parity vector's ``constructor_kwargs``); without them ``variant`` names an official
     factory (``"nat_mini"``, ``"dinat_large_384"``, ``"dinat_s_tiny"``, ...).
-    Returns the model in eval mode.
+    Returns the model in eval mode; ``model.model_args`` holds the kwargs that rebuild it
+    from its registered name (what a Hub ``config.json`` stores).
     """
     import timm  # deferred: timm.create_model needs this module's registrations done
 
     name, args = official_model_args(state_dict, official_kwargs, variant=variant, family=family)
     model = timm.create_model(name, pretrained=False, **args)
     model.load_state_dict(convert_official_state_dict(_unwrap(state_dict)), strict=True)
+    # what rebuilds it: timm.create_model(model.pretrained_cfg["architecture"], **model_args)
+    model.model_args = args
     return model.eval()
 
 

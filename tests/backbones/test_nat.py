@@ -70,6 +70,33 @@ def test_parity_via_timm_pretrained_file(parity_path: Path, tmp_path: Path) -> N
         assert (model(t["input"]) - t["output"]).abs().max().item() <= TOL
 
 
+def test_parity_through_hub_folder(parity_path: Path, tmp_path: Path) -> None:
+    """from_official -> Hub folder (config.json + model.safetensors) -> timm rebuilds it."""
+    from visionattn import hub
+
+    t, meta, sd = _load_vector(parity_path, "nat_mini_reduced")
+    model = nat.from_official(sd, meta["constructor_kwargs"])
+    out = hub.save_hub_folder(model, tmp_path / "hub", model_args=model.model_args)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (loaded(t["input"]) - t["output"]).abs().max().item() <= TOL
+
+
+def test_cli_convert_official_file(parity_path: Path, tmp_path: Path) -> None:
+    """`visionattn convert --family dinat <official .pth> <out> --kwargs @vector.json`."""
+    from visionattn.cli import main
+
+    t, meta, sd = _load_vector(parity_path, "dinat_mini_reduced")
+    ckpt = tmp_path / "dinat_official.pth"
+    torch.save({"model": sd}, ckpt)
+    out = tmp_path / "hub"
+    kwargs = f"@{parity_path / 'dinat_mini_reduced.json'}"
+    assert main(["convert", "--family", "dinat", str(ckpt), str(out), "--kwargs", kwargs]) == 0
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (loaded(t["input"]) - t["output"]).abs().max().item() <= TOL
+
+
 def _manifests(parity_dir: Path | None) -> list[Path]:
     if parity_dir is None:
         return []
