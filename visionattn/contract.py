@@ -38,8 +38,22 @@ __all__ = [
 
 Size = tuple[int, int]
 
-# non-square, and neither side a multiple of common window/grid sizes at any stage
-DEFAULT_SIZES: tuple[Size, ...] = ((64, 64), (72, 100))
+
+def model_sizes(name: str) -> tuple[Size, ...]:
+    """Input sizes a check uses for ``name``: its fixed size if the cfg declares one, else a
+    square size at or above ``min_input_size`` (64 by default) and a non-square one whose
+    sides are neither multiples of 8 nor of 7."""
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size:
+        return (tuple(cfg.input_size[1:]),)
+    m = 64
+    if cfg is not None and cfg.min_input_size:
+        m = max(m, *cfg.min_input_size[1:])
+    return ((m, m), (m + 8, m + 36))
+
+
+def _size(name: str, size: Size | None) -> Size:
+    return model_sizes(name)[0] if size is None else size
 
 
 def _build(name: str, **kwargs: Any) -> nn.Module:
@@ -58,7 +72,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-4) -> N
     assert err <= atol * max(1.0, b.abs().max().item()), f"{what}: max abs diff {err:.3g}"
 
 
-def check_default_cfg(name: str, size: Size = (64, 64)) -> None:
+def check_default_cfg(name: str) -> None:
     """pretrained_cfg is complete and agrees with the built model."""
     cfg = get_pretrained_cfg(name)
     assert cfg is not None, "default_cfg: no pretrained_cfg registered"
@@ -73,14 +87,16 @@ def check_default_cfg(name: str, size: Size = (64, 64)) -> None:
         "classifier",
     ):
         assert cfg.get(key) is not None, f"default_cfg: missing {key!r}"
-    assert cfg.get("hf_hub_id"), "default_cfg: missing 'hf_hub_id'"
+    # an architecture nobody has trained (timm's own tag "untrained") has no weights to point at
+    if cfg.get("tag") != "untrained":
+        assert cfg.get("hf_hub_id"), "default_cfg: missing 'hf_hub_id'"
     with torch.device("meta"):
         model = timm.create_model(name)
     sd = model.state_dict()
     first = cfg["first_conv"]
     for f in [first] if isinstance(first, str) else first:
         assert f + ".weight" in sd, f"default_cfg: first_conv {f!r} has no weight in the model"
-    cls = cfg["classifier"]
+    cls = cfg["classifier"] if cfg["num_classes"] else []  # headless cfg (e.g. in22k trunk)
     for c in [cls] if isinstance(cls, str) else cls:
         assert c + ".weight" in sd, f"default_cfg: classifier {c!r} has no weight in the model"
         assert sd[c + ".weight"].shape[0] == cfg["num_classes"], (
@@ -106,8 +122,9 @@ def check_default_cfg(name: str, size: Size = (64, 64)) -> None:
     assert isinstance(gm, dict) and "stem" in gm and "blocks" in gm, "group_matcher: stem/blocks"
 
 
-def check_forward(name: str, size: Size = (64, 64)) -> None:
+def check_forward(name: str, size: Size | None = None) -> None:
     """forward gives finite (B, num_classes) logits."""
+    size = _size(name, size)
     model = _build(name)
     x = _x(size)
     with torch.no_grad():
@@ -116,8 +133,9 @@ def check_forward(name: str, size: Size = (64, 64)) -> None:
     assert torch.isfinite(out).all(), "forward: non-finite logits"
 
 
-def check_input_sizes(name: str, sizes: Sequence[Size] = DEFAULT_SIZES) -> None:
-    """forward_features/forward run on every size, non-square and non-divisible included."""
+def check_input_sizes(name: str, sizes: Sequence[Size] | None = None) -> None:
+    """forward runs on every size, non-square and non-divisible included (see model_sizes)."""
+    sizes = model_sizes(name) if sizes is None else sizes
     model = _build(name)
     for size in sizes:
         with torch.no_grad():
@@ -131,8 +149,9 @@ def check_input_sizes(name: str, sizes: Sequence[Size] = DEFAULT_SIZES) -> None:
         assert torch.isfinite(out).all(), f"input_size {size}: non-finite logits"
 
 
-def check_backward(name: str, size: Size = (64, 64)) -> None:
+def check_backward(name: str, size: Size | None = None) -> None:
     """Every parameter receives a finite gradient."""
+    size = _size(name, size)
     model = _build(name).train()
     out = model(_x(size))
     out.float().square().mean().backward()
@@ -146,8 +165,9 @@ def check_backward(name: str, size: Size = (64, 64)) -> None:
     assert not bad, f"backward: non-finite gradient for {bad[:8]}"
 
 
-def check_reset_classifier(name: str, size: Size = (64, 64)) -> None:
+def check_reset_classifier(name: str, size: Size | None = None) -> None:
     """reset_classifier(0) gives pooled features; reset_classifier(n) gives n logits."""
+    size = _size(name, size)
     model = _build(name)
     x = _x(size)
     hidden = getattr(model, "head_hidden_size", model.num_features)
@@ -166,8 +186,9 @@ def check_reset_classifier(name: str, size: Size = (64, 64)) -> None:
     assert isinstance(clf, nn.Module), "get_classifier: must return a module"
 
 
-def check_forward_head(name: str, size: Size = (64, 64)) -> None:
+def check_forward_head(name: str, size: Size | None = None) -> None:
     """forward_head(pre_logits=True) gives (B, head_hidden_size); the rest equals forward."""
+    size = _size(name, size)
     model = _build(name)
     x = _x(size)
     hidden = getattr(model, "head_hidden_size", model.num_features)
@@ -182,8 +203,9 @@ def check_forward_head(name: str, size: Size = (64, 64)) -> None:
     _close(logits, full, "forward_head: forward_head(forward_features(x)) vs forward(x)")
 
 
-def check_features_only(name: str, size: Size = (64, 64)) -> None:
+def check_features_only(name: str, size: Size | None = None) -> None:
     """features_only: >= 3 NCHW levels whose channels and strides match feature_info."""
+    size = _size(name, size)
     model = _build(name, features_only=True)
     info = model.feature_info
     chans, reds = info.channels(), info.reduction()
@@ -203,8 +225,9 @@ def check_features_only(name: str, size: Size = (64, 64)) -> None:
             )
 
 
-def check_forward_intermediates(name: str, size: Size = (64, 64)) -> None:
+def check_forward_intermediates(name: str, size: Size | None = None) -> None:
     """forward_intermediates matches forward_features; indices and stop_early are honoured."""
+    size = _size(name, size)
     model = _build(name)
     x = _x(size)
     n = len(model.feature_info)
@@ -232,12 +255,13 @@ def check_forward_intermediates(name: str, size: Size = (64, 64)) -> None:
         _close(kept[i], inter[i], f"prune_intermediate_layers: intermediate {i} changed")
 
 
-def check_grad_checkpointing(name: str, size: Size = (64, 64)) -> None:
+def check_grad_checkpointing(name: str, size: Size | None = None) -> None:
     """set_grad_checkpointing(True) leaves outputs and gradients unchanged.
 
     Compared in eval mode (gradients still flow) so dropout/drop-path randomness cannot
     differ between the two runs.
     """
+    size = _size(name, size)
     model = _build(name)
     ckpt = copy.deepcopy(model)
     ckpt.set_grad_checkpointing(True)
@@ -255,12 +279,13 @@ def check_grad_checkpointing(name: str, size: Size = (64, 64)) -> None:
         _close(outs[1][1][k], outs[0][1][k], f"set_grad_checkpointing: grad of {k}", atol=1e-3)
 
 
-def check_compile(name: str, size: Size = (64, 64)) -> None:
+def check_compile(name: str, size: Size | None = None) -> None:
     """torch.compile(fullgraph=True) traces forward and backward with no graph break.
 
     The ``aot_eager`` backend traces exactly what inductor would see (Dynamo + AOTAutograd,
     fake impls of our ops) without spending CI minutes on C++ codegen.
     """
+    size = _size(name, size)
     torch._dynamo.reset()
     model = _build(name)  # eval: no dropout randomness between compiled and eager runs
     x = _x(size)
