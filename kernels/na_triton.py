@@ -424,7 +424,7 @@ def _tile(lg: int, want: int) -> int:
     return max(1, min(want, next_pow2(lg, 1)))
 
 
-# Tile boxes per rank (tuned on H100/H200, see NOTES.md); _TUNE overrides them for
+# Tile boxes per rank (measured on H200, see NOTES.md); _TUNE overrides them for
 # experiments: keys "tq", "kb", "kt", "qb" (3-tuples), "warps", "stages", "bwd_warps".
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
