@@ -136,7 +136,7 @@ def test_manifests_convert_completely(parity_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["test_nat", "test_dinat", "test_dinat_s", "test_dinat_isotropic"])
-@pytest.mark.parametrize("size", [(64, 64), (61, 93), (37, 50), (16, 24), (8, 8)])
+@pytest.mark.parametrize("size", [(61, 93), (37, 50), (8, 8)])
 def test_any_input_size(name: str, size: tuple[int, int]) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5).eval()
