@@ -168,7 +168,10 @@ torch.library.register_autograd("visionattn::na_fwd", _backward, setup_context=_
 
 @functools.lru_cache(maxsize=256)
 def _cached_rel(spatial: tuple[int, ...], p: NAParams, device: str) -> Tensor:
-    return window_tables(spatial, p, device)[3]
+    # Built outside inference mode: a cached inference tensor would poison every later
+    # training step that saves it for backward.
+    with torch.inference_mode(False):
+        return window_tables(spatial, p, device)[3]
 
 
 def _rel_table(spatial: tuple[int, ...], p: NAParams, device: torch.device) -> Tensor:

@@ -470,3 +470,21 @@ def test_v_head_dim_and_odd_head_dims():
     ref, _ = _oracle(q, k, v, (3,), (1,), (1,), (False,), False)
     assert out.shape == (1, 7, 2, 5)
     torch.testing.assert_close(out, ref)
+
+
+def test_rpb_after_inference_mode_still_trains() -> None:
+    # the rpb index table is cached; one built under inference_mode must not break backward
+    from visionattn.kernels.na import _cached_rel
+
+    _cached_rel.cache_clear()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 9, 10, 2, 8, generator=g) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g)
+    with torch.inference_mode():
+        ref = na2d(q, k, v, 3, rpb=rpb)
+    q.requires_grad_(True)
+    rpb.requires_grad_(True)
+    out = na2d(q, k, v, 3, rpb=rpb)
+    out.sum().backward()
+    assert torch.allclose(out.detach(), ref, atol=1e-6)
+    assert q.grad is not None and rpb.grad is not None
