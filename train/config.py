@@ -323,9 +323,22 @@ def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    """Build the config from parsed args: defaults < recipe < ``--set`` < field flags."""
+    """Build the config from parsed args: defaults < recipe < ``--set`` < field flags.
+
+    With ``--resume`` and no ``--recipe``, the checkpoint's own recipe is the base.
+    """
     values: dict[str, Any] = {}
-    values.update(load_recipe(ns._recipe or "default"))
+    resume = getattr(ns, "resume", None)
+    if resume and ns._recipe is None:
+        # continuing a run: its own recipe is the base, flags may change run-control keys
+        from visionattn.train.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(resume)["config"]
+        _check_keys(saved, f"checkpoint {resume!r}")
+        values.update({k: _coerce(k, v) for k, v in saved.items()})
+        values["stop_after"] = None  # a one-off stop of the earlier invocation
+    else:
+        values.update(load_recipe(ns._recipe or "default"))
     sets = _parse_kv(ns._set, "--set")
     _check_keys(sets, "--set")
     values.update({k: _coerce(k, v) for k, v in sets.items()})

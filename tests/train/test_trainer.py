@@ -97,7 +97,14 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path:
     assert part["stopped_early"] and part["num_updates"] == 3
     stopped = load_checkpoint(Path(part["run_dir"]) / "last.pt")
     assert stopped["epoch"] == 0 and stopped["micro_step"] == 6  # mid-epoch, 2 micro per step
-    resumed = train(_cfg(tmp_path, run_name="part", resume=part["run_dir"], **kw))
+    # the command line resumes from the checkpoint's own recipe: only --resume is needed
+    from visionattn.train.cli import build_train_parser
+    from visionattn.train.config import config_from_args
+
+    ns = build_train_parser().parse_args(["--resume", part["run_dir"]])
+    cfg = config_from_args(ns)
+    assert cfg == _cfg(tmp_path, run_name="part", resume=part["run_dir"], **kw)
+    resumed = train(cfg)
     assert not resumed["stopped_early"]
 
     a = load_checkpoint(Path(full["run_dir"]) / "last.pt")
