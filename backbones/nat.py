@@ -1228,7 +1228,7 @@ _TEST_ARGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "test_dinat_isotropic": (
         "isotropic",
-        dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, kernel_size=3, dilation=2,
+        dict(embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, kernel_size=3, dilation=2,
              drop_path_rate=0.0),
     ),
 }  # fmt: skip
