@@ -106,3 +106,38 @@ def test_cli_reports_errors_with_exit_code(capsys) -> None:
     assert "visionattn train: error: model:" in capsys.readouterr().err
     assert train_main(["--print-config", "--epochs", "2"]) == 0
     assert "epochs: 2" in capsys.readouterr().out
+
+
+TEST_MODELS = {
+    "nat": "test_nat",
+    "dinat": "test_dinat",
+    "biformer": "test_biformer",
+    "maxvit": "test_va_maxvit",
+    "halonet": "test_va_halonet",
+    "efficientvit": "test_va_efficientvit",
+    "focalnet": "test_va_focalnet",
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_RECIPES)
+def test_family_recipe_trains_its_tiny_model(family: str, tmp_path) -> None:
+    """Every recipe's pieces (optimizer, clipping mode, loss, RandAugment string, EMA,
+    mixup) run for two optimizer steps with the family's tiny model on the digits."""
+    import torch
+
+    from visionattn.train.checkpoint import load_checkpoint
+    from visionattn.train.trainer import train
+
+    cfg = _cfg(
+        "--recipe", family, "--model", TEST_MODELS[family], "--set", "data_dir=null",
+        "--img-size", "64", "--digits-size", "64", "--batch-size", "8", "--epochs", "1",
+        "--warmup-epochs", "0", "--cooldown-epochs", "0", "--amp", "no", "--workers", "0",
+        "--stop-after", "2", "--no-progress", "--no-tensorboard", "--output", str(tmp_path),
+    )  # fmt: skip
+    out = train(cfg)
+    assert out["stopped_early"] and out["num_updates"] == 2
+    state = load_checkpoint(out["run_dir"])
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    assert state["config"]["opt"] == load_recipe(family)["opt"]
+    assert (state["ema"] is not None) == bool(load_recipe(family).get("ema"))
+    assert torch.is_tensor(next(iter(state["model"].values())))
