@@ -19,9 +19,15 @@ bw = 2 * n / ms / 1e9  # TB/s: bytes read + written
 m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 mm = do_bench(lambda: m @ m, warmup=50, rep=300, return_mode="median")
 res = dict(
-    gpu=dev.name, sms=dev.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-    timm=timm.__version__, visionattn=visionattn.__version__, copy_tb_s=round(bw, 3),
-    bf16_tflops=round(2 * 8192**3 / mm / 1e9, 1), models=len(visionattn.list_models()),
+    gpu=dev.name,
+    sms=dev.multi_processor_count,
+    torch=torch.__version__,
+    triton=triton.__version__,
+    timm=timm.__version__,
+    visionattn=visionattn.__version__,
+    copy_tb_s=round(bw, 3),
+    bf16_tflops=round(2 * 8192**3 / mm / 1e9, 1),
+    models=len(visionattn.list_models()),
 )
 print(json.dumps(res))
 os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
