@@ -25,6 +25,7 @@ Stage outputs are NCHW tensors in channels-last memory, so ``features_only`` and
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -860,16 +861,46 @@ def _num_classes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
     return int(state_dict[key].shape[0]) if key in state_dict else 0
 
 
+def _registered_name(args: Mapping[str, Any]) -> str:
+    """The registered variant whose full config ``args`` has (a label: every arg is passed)."""
+
+    def norm(v: Any) -> Any:
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(EfficientVitMsra.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    for name, cfg in _TIMM_ARGS.items():
+        full = {**defaults, **cfg}
+        if all(
+            norm(v) == norm(full[k]) for k, v in args.items() if k in full and k != "num_classes"
+        ):
+            return "va_" + name
+    return "va_" + next(iter(_TIMM_ARGS))
+
+
+def _build_and_load(
+    name: str, args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]
+) -> EfficientVitMsra:
+    """``timm.create_model(name, **args)`` (so it carries a pretrained_cfg), weights loaded
+    strictly; ``model.model_args`` keeps ``args`` (what a Hub ``config.json`` stores)."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **args)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
+    model.model_args = args
+    return model.eval()
+
+
 def from_timm(timm_model_name: str, state_dict: Mapping[str, torch.Tensor]) -> EfficientVitMsra:
     """Our counterpart of timm's ``efficientvit_m*`` model, with its weights loaded (strict)."""
     base = timm_model_name.split(".", 1)[0]
     if base not in _TIMM_ARGS:
         raise ValueError(f"timm_model_name: {timm_model_name!r} is not one of {sorted(_TIMM_ARGS)}")
-    model = EfficientVitMsra(
-        **_TIMM_ARGS[base], num_classes=_num_classes(state_dict, "head.linear.weight")
-    )
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    return model.eval()
+    args = {"num_classes": _num_classes(state_dict, "head.linear.weight")}
+    return _build_and_load("va_" + base, args, state_dict)
 
 
 def from_official(
@@ -893,9 +924,7 @@ def from_official(
         official_kwargs = OFFICIAL_VARIANTS[names[variant.lower()]]
     args = official_to_model_args(official_kwargs)
     args["num_classes"] = _num_classes(state_dict, "head.l.weight")
-    model = EfficientVitMsra(**args)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    return model.eval()
+    return _build_and_load(_registered_name(args), args, state_dict)
 
 
 # --------------------------------------------------------------------- registration

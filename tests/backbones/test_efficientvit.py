@@ -97,7 +97,10 @@ def test_train_mode_outputs_grads_and_bn_stats() -> None:
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+        want = ref_params[name].grad
+        # float32 summation order differs (GEMM vs conv, flat BN): bound relative to the scale
+        err = (p.grad - want).abs().max().item()
+        assert err <= 1e-4 * max(1.0, want.abs().max().item()), (name, err)
     ref_buffers = dict(ref.named_buffers())
     for name, b in model.named_buffers():
         if "running" in name:
@@ -210,3 +213,11 @@ def test_tiny_variant_train_step() -> None:
     out = model(torch.randn(2, 3, 64, 96))
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_converted_model_rebuilds_from_registered_name() -> None:
+    ref = timm_evit.EfficientVitMsra(**ours._TIMM_ARGS["efficientvit_m0"], num_classes=6).eval()
+    model = ours.from_timm("efficientvit_m0", ref.state_dict())
+    assert model.pretrained_cfg["architecture"] == "va_efficientvit_m0"
+    rebuilt = timm.create_model("va_efficientvit_m0", **model.model_args)
+    assert rebuilt.num_classes == 6

@@ -149,15 +149,6 @@ def test_from_official_variant_and_errors() -> None:
         ours.from_timm("focalnet_nope", {})
 
 
-def test_convert_routes() -> None:
-    from visionattn import convert
-
-    ref = _timm_model("focalnet_tiny_srf", num_classes=5, drop_path_rate=0.0, **REDUCED)
-    with pytest.raises(RuntimeError):
-        # full config expected from the timm name: reduced weights must not load silently
-        convert.from_timm("focalnet_tiny_srf", ref.state_dict())
-
-
 def test_train_step_and_grads() -> None:
     model = timm.create_model("test_va_focalnet", num_classes=4, drop_path_rate=0.1)
     _randomize(model)
@@ -166,3 +157,19 @@ def test_train_step_and_grads() -> None:
     out.sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_converted_model_rebuilds_from_registered_name() -> None:
+    """Converted models carry a pretrained_cfg and the args that rebuild them (Hub export)."""
+    official = dict(ours.OFFICIAL_VARIANTS["focalnet_large_fl4"], embed_dim=16, depths=[1, 1, 1, 1])
+    src = ours.FocalNet(**dict(ours.official_to_model_args(official), num_classes=3)).eval()
+    model = ours.from_official(_official_state_dict(src, {}), official)
+    rebuilt = timm.create_model(model.pretrained_cfg["architecture"], **model.model_args).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.layers[0].blocks[0].modulation.normalize_modulator
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    ref = _timm_model("focalnet_tiny_srf", num_classes=5, drop_path_rate=0.0, **REDUCED)
+    with pytest.raises(RuntimeError):
+        ours.from_timm("focalnet_tiny_srf", ref.state_dict())  # wrong config must not load
