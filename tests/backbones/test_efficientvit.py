@@ -221,3 +221,17 @@ def test_converted_model_rebuilds_from_registered_name() -> None:
     assert model.pretrained_cfg["architecture"] == "va_efficientvit_m0"
     rebuilt = timm.create_model("va_efficientvit_m0", **model.model_args)
     assert rebuilt.num_classes == 6
+
+
+def test_pretrained_path_loads_timm_weights(tmp_path) -> None:
+    """pretrained=True runs timm's loader with our filter over a timm-format checkpoint."""
+    assert timm.get_pretrained_cfg("va_efficientvit_m0").hf_hub_id == (
+        "timm/efficientvit_m0.r224_in1k"
+    )
+    ref, _ = _pair(ours._TIMM_ARGS["efficientvit_m0"], num_classes=1000)
+    path = tmp_path / "timm_evit.pth"
+    torch.save(ref.state_dict(), path)
+    model = timm.create_model(
+        "va_efficientvit_m0", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    _check(ref, model, (128, 128))

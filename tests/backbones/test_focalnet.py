@@ -173,3 +173,18 @@ def test_converted_model_rebuilds_from_registered_name() -> None:
     ref = _timm_model("focalnet_tiny_srf", num_classes=5, drop_path_rate=0.0, **REDUCED)
     with pytest.raises(RuntimeError):
         ours.from_timm("focalnet_tiny_srf", ref.state_dict())  # wrong config must not load
+
+
+def test_pretrained_path_loads_timm_weights(tmp_path) -> None:
+    """pretrained=True runs timm's loader with our filter over a timm-format checkpoint."""
+    assert timm.get_pretrained_cfg("va_focalnet_tiny_srf").hf_hub_id == (
+        "timm/focalnet_tiny_srf.ms_in1k"
+    )
+    ref = _timm_model("focalnet_tiny_srf", drop_path_rate=0.0, **REDUCED)
+    path = tmp_path / "timm_focalnet.pth"
+    torch.save(ref.state_dict(), path)
+    model = timm.create_model(
+        "va_focalnet_tiny_srf", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        drop_path_rate=0.0, **REDUCED,
+    ).eval()  # fmt: skip
+    _check(ref, model, (64, 64))
