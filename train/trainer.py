@@ -294,6 +294,25 @@ def _fresh_accumulators(device: torch.device, keep_interval: dict | None = None)
     return out
 
 
+def _restore_accumulators(
+    saved: list[dict[str, Any]], rank: int, world: int, device: torch.device
+) -> dict[str, Any]:
+    """This process's loss sums from a checkpoint's per-process list.
+
+    With the same process count each process gets its own; otherwise the first process
+    takes the totals and the others start from zero, so the reduced epoch mean stays right.
+    """
+    if len(saved) == world:
+        mine = saved[rank]
+    elif rank == 0:
+        mine = dict(saved[0])
+        for key in ("epoch_loss", "epoch_count", "interval_loss", "interval_count"):
+            mine[key] = sum(s[key] for s in saved)
+    else:
+        return _fresh_accumulators(device)
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mine.items()}
+
+
 def _run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume:
         return find_checkpoint(cfg.resume).parent
@@ -484,9 +503,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         num_updates = resume_state["num_updates"]
         history = resume_state["history"]
         best = resume_state["best"]
-        acc = {
-            k: (v.to(device) if torch.is_tensor(v) else v) for k, v in resume_state["acc"].items()
-        }
+        acc = _restore_accumulators(resume_state["acc"], rank, world, device)
 
     run_dir = _run_dir(cfg)
     tb = _TensorBoard(run_dir / "tb", cfg.tensorboard and is_main)
@@ -521,8 +538,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     def save(epoch: int, micro_step: int) -> None:
         """Resumable checkpoint at an optimizer-step boundary (all processes must call)."""
-        rng = capture_rng_state()
-        rng_all = gather_object([rng]) if world > 1 else [rng]
+        # every process's RNG streams and loss sums: a resume restores each one
+        local = {
+            "rng": capture_rng_state(),
+            "acc": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in acc.items()},
+            # EMA buffers (BatchNorm statistics) follow each process's own batches
+            "ema_buffers": (
+                {k: b.detach().cpu() for k, b in ema.module.named_buffers()}
+                if ema is not None
+                else None
+            ),
+        }
+        per_rank = gather_object([local]) if world > 1 else [local]
         if not is_main:
             accelerator.wait_for_everyone()
             return
@@ -540,8 +567,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "num_updates": num_updates,
             "history": history,
             "best": best,
-            "acc": {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in acc.items()},
-            "rng": rng_all,
+            "acc": [r["acc"] for r in per_rank],
+            "rng": [r["rng"] for r in per_rank],
+            "ema_buffers": [r["ema_buffers"] for r in per_rank],
             "world_size": world,
             "weights_meta": weights_meta,
             "versions": {"torch": torch.__version__, "timm": timm.__version__},
@@ -581,6 +609,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         saved_rng = resume_state["rng"]
         if resume_state.get("world_size", 1) == world:
             restore_rng_state(saved_rng[rank])
+            ema_buffers = (resume_state.get("ema_buffers") or [None] * world)[rank]
+            if ema is not None and ema_buffers:
+                with torch.no_grad():
+                    for k, b in ema.module.named_buffers():
+                        b.copy_(ema_buffers[k])
         elif is_main:
             accelerator.print(
                 "resume: process count changed, RNG streams restart (the run stays valid "
