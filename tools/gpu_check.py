@@ -14,6 +14,14 @@ from visionattn.kernels import na2d, routed_attention
 rows = []
 
 
+def add(row):
+    rows.append(row)  # printed as it comes: a run cut short still reports what it checked
+    print(
+        f"{row['check']:42s} {row['dtype']:14s} {row['max_rel_err']:12.2e}  {'OK' if row['ok'] else 'FAIL'}",
+        flush=True,
+    )
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
@@ -54,7 +62,11 @@ def na_case(
     )
 
 
-for dt in (torch.bfloat16, torch.float16, torch.float32):
+DTYPES = [
+    getattr(torch, d)
+    for d in os.environ.get("GPU_CHECK_DTYPES", "bfloat16,float16,float32").split(",")
+]
+for dt in DTYPES:
     na_case("na2d effvit dqk16 dv64 win7", 4, 14, 14, 4, 16, 64, 7, stride=7, dtype=dt)
     na_case("na2d dqk64 dv16", 2, 20, 20, 2, 64, 16, 5, dtype=dt)
     na_case("na2d dqk48 dv16 dil2", 2, 24, 24, 2, 48, 16, 5, dil=2, dtype=dt)
