@@ -11,6 +11,7 @@ window layout ``[B or 1, heads or 1, N, K]`` (``N = prod(spatial)``, ``K = prod(
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,6 +54,54 @@ def _chunk_logits(
     return s.masked_fill(~allowed[None, :, None, :], float("-inf"))
 
 
+@functools.lru_cache(maxsize=128)
+def window_groups(
+    spatial: tuple[int, ...], p: NAParams, device: str
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Queries that share one window, when they fall into equal groups that do.
+
+    Non-overlapping windows (MaxViT block, EfficientViT, Swin-style), MaxViT's grid (each
+    dilation group is exactly one kernel) and HaloNet's blocks (stride groups) all do. Returns
+    ``(queries [U, G], keys [U, K], allowed [U, K])`` for ``U`` groups of ``G`` queries, or None
+    when windows are not shared (then every query gathers its own window).
+    """
+    # Built outside inference mode: cached tensors are reused by later autograd calls.
+    with torch.inference_mode(False):
+        key, _, allowed, _ = window_tables(spatial, p, device)
+        uniq, inverse = torch.unique(key * 2 + allowed, dim=0, return_inverse=True)
+        counts = torch.bincount(inverse)
+        g = int(counts[0])
+        if g < 2 or not bool((counts == g).all()):
+            return None
+        queries = torch.argsort(inverse, stable=True).reshape(len(uniq), g)
+        lead = queries[:, 0]
+        return queries, key[lead], allowed[lead]
+
+
+def _grouped_forward(
+    qf: Tensor, kf: Tensor, vf: Tensor, bias: Tensor | None, p: NAParams, groups: tuple
+) -> tuple[Tensor, Tensor]:
+    """Forward over shared windows: one key/value gather per group instead of per query."""
+    queries, keys, allowed = groups
+    (b, n, h, _), dv = qf.shape, vf.shape[-1]
+    u, g = queries.shape
+    kk = keys.shape[1]
+    out = torch.empty(b, n, h, dv, dtype=qf.dtype, device=qf.device)
+    lse = torch.empty(b, n, h, dtype=qf.dtype, device=qf.device)
+    step = max(1, min(u, _CHUNK_ELEMS // max(1, b * g * kk * h)))
+    for u0 in range(0, u, step):
+        qi, ki = queries[u0 : u0 + step], keys[u0 : u0 + step]
+        s = torch.einsum("bughd,bukhd->buhgk", qf[:, qi], kf[:, ki]) * p.scale
+        if bias is not None:  # [B|1, h|1, N, K] -> [B|1, u, h|1, G, K]
+            s = s + bias[:, :, qi].permute(0, 2, 1, 3, 4).to(s.dtype)
+        s = s.masked_fill(~allowed[u0 : u0 + step, None, None, :], float("-inf"))
+        m = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("buhgk,bukhd->bughd", torch.exp(s - m[..., None]), vf[:, ki])
+        out[:, qi] = o
+        lse[:, qi] = m.transpose(2, 3)
+    return out, lse
+
+
 def reference_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams
 ) -> tuple[Tensor, Tensor]:
@@ -61,6 +110,15 @@ def reference_forward(
     spatial = tuple(q.shape[1 : 1 + n_dims])
     b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     ct = _compute_dtype(q.dtype)
+    groups = window_groups(spatial, p._replace(scale=1.0), str(q.device))
+    if groups is not None:
+        qf, kf, vf = (
+            _flat(q, n_dims, ct),
+            _pad_row(_flat(k, n_dims, ct)),
+            _pad_row(_flat(v, n_dims, ct)),
+        )
+        out, lse = _grouped_forward(qf, kf, vf, bias, p, groups)
+        return out.reshape(b, *spatial, h, dv).to(q.dtype), lse.reshape(b, *spatial, h).float()
     key, _, allowed, _ = window_tables(spatial, p, q.device)
     n, kk = key.shape
     qf, kf, vf = (

@@ -488,3 +488,32 @@ def test_rpb_after_inference_mode_still_trains() -> None:
     out.sum().backward()
     assert torch.allclose(out.detach(), ref, atol=1e-6)
     assert q.grad is not None and rpb.grad is not None
+
+
+@pytest.mark.parametrize(
+    "spatial, kw",
+    [
+        ((14, 21), dict(kernel_size=7, stride=7)),  # MaxViT block / EfficientViT windows
+        ((14, 14), dict(kernel_size=7, dilation=2)),  # MaxViT grid: each dilation group one window
+        ((16, 24), dict(kernel_size=14, stride=8, border="zero")),  # HaloNet blocks
+        ((12, 12), dict(kernel_size=(4, 6), stride=(4, 6), dilation=(3, 2))),
+    ],
+)
+def test_shared_window_path_matches_per_query_path(spatial, kw, monkeypatch) -> None:
+    from visionattn.kernels import na_reference
+
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, *spatial, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, *spatial, 2, 12, generator=g, dtype=torch.float64)
+    ks = kw["kernel_size"]
+    ks = (ks, ks) if isinstance(ks, int) else ks
+    rpb = torch.randn(2, 2 * ks[0] - 1, 2 * ks[1] - 1, generator=g, dtype=torch.float64)
+    real = na_reference.window_groups
+    used = []
+    monkeypatch.setattr(na_reference, "window_groups", lambda *a: used.append(real(*a)) or used[-1])
+    fast, fast_lse = na2d(q, k, v, rpb=rpb, return_lse=True, **kw)
+    assert used and used[-1] is not None, "these windows are shared: the grouped path must run"
+    monkeypatch.setattr(na_reference, "window_groups", lambda *a: None)
+    slow, slow_lse = na2d(q, k, v, rpb=rpb, return_lse=True, **kw)
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast_lse, slow_lse, atol=1e-10, rtol=1e-10)
