@@ -37,6 +37,9 @@ TIMM_PREFIXES: dict[str, str] = {
     "halonet": "halonet",
     "sehalonet": "halonet",
     "halo2botnet": "halonet",
+    "eca_halonext": "halonet",
+    "haloregnetz": "halonet",
+    "lamhalobotnet": "halonet",
     "efficientvit_m": "efficientvit",
     "focalnet_": "focalnet",
 }
