@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-import visionattn  # noqa: F401  (registers the models)
+import visionattn
 from visionattn import convert
 from visionattn.cli import main
 
@@ -54,3 +54,11 @@ def test_convert_timm_checkpoint_to_hub_folder(timm_name: str, tmp_path: Path) -
     with torch.no_grad():
         err = (ours(x) - ref(x)).abs().max().item()
     assert err <= 1e-4, f"{timm_name}: converted logits differ from timm's by {err:.3g}"
+
+
+def test_every_va_model_routes_from_its_timm_name() -> None:
+    ours = [n for n in visionattn.list_models() if n.startswith("va_")]
+    assert ours
+    for name in ours:
+        assert timm.is_model(name[3:]), f"{name}: timm has no {name[3:]}"
+        assert convert.timm_family(name[3:]) in visionattn.backbones.family_modules()
