@@ -21,6 +21,7 @@ logits passed as ``attn_bias``: no unfold copies of the keys and values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import make_divisible, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.byoanet import model_cfgs as byoanet_cfgs
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, interleave_blocks
 from torch import nn
 
@@ -227,216 +229,57 @@ class HaloNet(ByobNet):
         return super().forward_intermediates(self._prep(x), *args, **kwargs)
 
 
-# Same networks as timm.models.byoanet, halo layers swapped for ours.
-model_cfgs: dict[str, ByoModelCfg] = dict(
-    halonet_h1=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="self_attn", d=3, c=64, s=1, gs=0, br=1.0),
-            ByoBlockCfg(type="self_attn", d=3, c=128, s=2, gs=0, br=1.0),
-            ByoBlockCfg(type="self_attn", d=10, c=256, s=2, gs=0, br=1.0),
-            ByoBlockCfg(type="self_attn", d=3, c=512, s=2, gs=0, br=1.0),
-        ),
-        stem_chs=64,
-        stem_type="7x7",
-        stem_pool="maxpool",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=8, halo_size=3),
-    ),
-    halonet26t=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
-            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=0, br=0.25),
-            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=0, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=8, halo_size=2),
-    ),
-    sehalonet33ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(
-                types=("bottle", "self_attn"), every=[2], d=3, c=512, s=2, gs=0, br=0.25
+def _with_our_halo(cfg: ByoModelCfg) -> ByoModelCfg:
+    """timm's network config with its "halo" self-attention layers swapped for ours."""
+
+    def swap(layer: Any) -> Any:
+        return HaloAttn if layer == "halo" else layer
+
+    def block(b: ByoBlockCfg | tuple) -> ByoBlockCfg | tuple:
+        if isinstance(b, tuple):  # an interleaved group
+            return tuple(block(x) for x in b)
+        return dataclasses.replace(b, self_attn_layer=swap(b.self_attn_layer))
+
+    return dataclasses.replace(
+        cfg,
+        blocks=tuple(block(b) for b in cfg.blocks),
+        self_attn_layer=swap(cfg.self_attn_layer),
+    )
+
+
+# The same networks as timm.models.byoanet (one definition: timm's), halo layers ours.
+_TIMM_CFG_KEYS = (
+    "halonet_h1", "halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts",
+    "haloregnetz_b", "lamhalobotnet50ts", "halo2botnet50ts",
+)  # fmt: skip
+model_cfgs: dict[str, ByoModelCfg] = {k: _with_our_halo(byoanet_cfgs[k]) for k in _TIMM_CFG_KEYS}
+model_cfgs.update(
+    dict(
+        # Tiny network for fast tests: strided halo layers (stride-2 queries), windows larger
+        # than the map (4 px stages at 64 px input) and a q/k width different from v.
+        test_va_halonet=ByoModelCfg(
+            blocks=(
+                ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
+                ByoBlockCfg(type="self_attn", d=1, c=32, s=2, gs=0, br=0.5),
+                interleave_blocks(
+                    types=("bottle", "self_attn"),
+                    d=2,
+                    c=48,
+                    s=2,
+                    gs=0,
+                    br=0.5,
+                    self_attn_kwargs=dict(block_size=2, halo_size=2, num_heads=2, qk_ratio=0.5),
+                ),  # fmt: skip
+                ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
             ),
-            interleave_blocks(
-                types=("bottle", "self_attn"), every=[2], d=3, c=1024, s=2, gs=0, br=0.25
-            ),
-            ByoBlockCfg("self_attn", d=2, c=1536, s=2, gs=0, br=0.333),
+            stem_chs=16,
+            stem_type="tiered",
+            stem_pool="maxpool",
+            act_layer="silu",
+            self_attn_layer=HaloAttn,
+            self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2),
         ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="",
-        act_layer="silu",
-        num_features=1280,
-        attn_layer="se",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=8, halo_size=3),
-    ),
-    halonet50ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=3, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                every=4,
-                d=4,
-                c=512,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer=HaloAttn,
-                self_attn_kwargs=dict(block_size=8, halo_size=3, num_heads=4),
-            ),  # fmt: skip
-            interleave_blocks(types=("bottle", "self_attn"), d=6, c=1024, s=2, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=3, c=2048, s=2, gs=0, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        act_layer="silu",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=8, halo_size=3),
-    ),
-    eca_halonext26ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=16, br=0.25),
-            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=16, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=16, br=0.25),
-            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=16, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        act_layer="silu",
-        attn_layer="eca",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=8, halo_size=2, dim_head=16),
-    ),
-    haloregnetz_b=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=48, s=2, gs=16, br=3),
-            ByoBlockCfg(type="bottle", d=6, c=96, s=2, gs=16, br=3),
-            interleave_blocks(
-                types=("bottle", "self_attn"), every=3, d=12, c=192, s=2, gs=16, br=3
-            ),
-            ByoBlockCfg("self_attn", d=2, c=288, s=2, gs=16, br=3),
-        ),
-        stem_chs=32,
-        stem_pool="",
-        downsample="",
-        num_features=1536,
-        act_layer="silu",
-        attn_layer="se",
-        attn_kwargs=dict(rd_ratio=0.25),
-        block_kwargs=dict(bottle_in=True, linear_out=True),
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=7, halo_size=2, qk_ratio=0.33),
-    ),
-    # Lambda layers (stage 2) and global bottleneck attention (stage 4) stay timm's layers.
-    lamhalobotnet50ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=3, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=4,
-                c=512,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer="lambda",
-                self_attn_kwargs=dict(r=13),
-            ),  # fmt: skip
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=6,
-                c=1024,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer=HaloAttn,
-                self_attn_kwargs=dict(halo_size=3),
-            ),  # fmt: skip
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=3,
-                c=2048,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer="bottleneck",
-                self_attn_kwargs=dict(),
-            ),  # fmt: skip
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="",
-        act_layer="silu",
-    ),
-    halo2botnet50ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=3, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=4,
-                c=512,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer=HaloAttn,
-                self_attn_kwargs=dict(halo_size=3),
-            ),  # fmt: skip
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=6,
-                c=1024,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer=HaloAttn,
-                self_attn_kwargs=dict(halo_size=3),
-            ),  # fmt: skip
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=3,
-                c=2048,
-                s=2,
-                gs=0,
-                br=0.25,
-                self_attn_layer="bottleneck",
-                self_attn_kwargs=dict(),
-            ),  # fmt: skip
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="",
-        act_layer="silu",
-    ),
-    # Tiny network for fast tests: strided halo layers (stride-2 queries), windows larger
-    # than the map (4 px stages at 64 px input) and a q/k width different from v.
-    test_va_halonet=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
-            ByoBlockCfg(type="self_attn", d=1, c=32, s=2, gs=0, br=0.5),
-            interleave_blocks(
-                types=("bottle", "self_attn"),
-                d=2,
-                c=48,
-                s=2,
-                gs=0,
-                br=0.5,
-                self_attn_kwargs=dict(block_size=2, halo_size=2, num_heads=2, qk_ratio=0.5),
-            ),  # fmt: skip
-            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
-        ),
-        stem_chs=16,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        act_layer="silu",
-        self_attn_layer=HaloAttn,
-        self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2),
-    ),
+    )
 )
 
 # our name -> (timm name, cfg key)
