@@ -143,6 +143,19 @@ def render_card(name: str) -> str:
         "and per-stage features (float32, max abs diff <= 1e-4), checked by the test suite.",
         "",
     ]
+    if hub.startswith("visionattn/"):
+        # our own namespace: nothing is uploaded there yet, so say how to get the weights
+        lines += [
+            "**Weights:** not yet published under this Hub id. Convert the official checkpoint",
+            "locally and load the folder offline:",
+            "",
+            "```bash",
+            f"visionattn convert --family {fam} --variant {name} official_checkpoint.pth {name}/",
+            "```",
+            "",
+            f'then `timm.create_model("local-dir:{name}/", pretrained=True)`.',
+            "",
+        ]
     return "\n".join(lines)
 
 

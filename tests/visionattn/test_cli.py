@@ -106,3 +106,15 @@ def test_card_command(tmp_path: Path) -> None:
     assert f"# {name}" in text and f"Family **{fam}**" in text
     assert "| parameters |" in text and "features_only=True" in text
     assert main(["card", "zzz_none_*", "--out", str(tmp_path)]) == 1
+
+
+def test_committed_model_cards_are_current() -> None:
+    # model_cards/ is generated (`visionattn card`); a model change must regenerate it
+    from visionattn.cards import render_card
+
+    cards = Path(__file__).resolve().parents[2] / "model_cards"
+    want = {n for n in visionattn.list_models() if not n.startswith("test_")}
+    have = {p.stem for p in cards.glob("*.md")}
+    assert have == want, f"missing {sorted(want - have)[:5]}, stale {sorted(have - want)[:5]}"
+    stale = [n for n in sorted(want) if (cards / f"{n}.md").read_text() != render_card(n)]
+    assert not stale, f"regenerate with `visionattn card`: {stale[:5]}"
