@@ -48,6 +48,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from visionattn.backbones._convert import build_converted
 from visionattn.kernels.routed import routed_attention
 from visionattn.kernels.routing import bra_route, crop_from_grid, pad_to_grid
 
@@ -882,13 +883,9 @@ def from_official(
     ``pretrained_cfg``); ``model.model_args`` holds the kwargs that rebuild it. See
     :func:`official_model_args` for how the configuration follows the checkpoint.
     """
-    import timm  # deferred: create_model needs this module's registrations done
-
     name, kwargs = official_model_args(state_dict, official_kwargs, variant=variant, family=family)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    model.load_state_dict(convert_official_state_dict(_strip_wrappers(state_dict)), strict=True)
-    model.model_args = kwargs
-    return model.eval()
+    sd = _strip_wrappers(state_dict)
+    return build_converted(name, kwargs, lambda m: convert_official_state_dict(sd))
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionattn.backbones._convert import build_converted
 from visionattn.kernels import na2d
 
 __all__ = [
@@ -884,14 +885,7 @@ def _registered_name(args: Mapping[str, Any]) -> str:
 def _build_and_load(
     name: str, args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]
 ) -> EfficientVitMsra:
-    """``timm.create_model(name, **args)`` (so it carries a pretrained_cfg), weights loaded
-    strictly; ``model.model_args`` keeps ``args`` (what a Hub ``config.json`` stores)."""
-    import timm
-
-    model = timm.create_model(name, pretrained=False, **args)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    model.model_args = args
-    return model.eval()
+    return build_converted(name, args, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
 def from_timm(timm_model_name: str, state_dict: Mapping[str, torch.Tensor]) -> EfficientVitMsra:

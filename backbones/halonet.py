@@ -34,6 +34,7 @@ from timm.models.byoanet import model_cfgs as byoanet_cfgs
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, interleave_blocks
 from torch import nn
 
+from visionattn.backbones._convert import build_converted
 from visionattn.kernels import na2d
 
 __all__ = ["FAMILIES", "HaloAttn", "HaloNet", "checkpoint_filter_fn", "from_timm"]
@@ -344,14 +345,10 @@ def from_timm(
             f"timm_model_name: {timm_model_name!r} is not a timm halo network; supported: "
             f"{', '.join(_TIMM_NAMES)}"
         )
-    import timm
-
     if "num_classes" not in kwargs:
         fc = state_dict.get("head.fc.weight")
         kwargs["num_classes"] = 0 if fc is None else fc.shape[0]
-    model = timm.create_model(f"va_{base}", pretrained=False, **kwargs)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    return model.eval()
+    return build_converted(f"va_{base}", kwargs, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

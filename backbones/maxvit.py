@@ -61,6 +61,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from torch import nn
 
+from visionattn.backbones._convert import build_converted
 from visionattn.kernels import na2d
 
 __all__ = [
@@ -802,15 +803,11 @@ def from_timm(
             f"timm_model_name: {timm_model_name!r} is not a TF-ported MaxViT; supported: "
             f"{', '.join(_TIMM_NAMES)}"
         )
-    import timm
-
     kwargs.setdefault(
         "num_classes",
         state_dict["head.fc.weight"].shape[0] if "head.fc.weight" in state_dict else 0,
     )
-    model = timm.create_model(f"va_{base}", pretrained=False, **kwargs)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    return model.eval()
+    return build_converted(f"va_{base}", kwargs, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

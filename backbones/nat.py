@@ -58,6 +58,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
 import visionattn.kernels as _kernels
+from visionattn.backbones._convert import build_converted
 
 __all__ = [
     "FAMILIES",
@@ -1098,14 +1099,8 @@ def from_official(
     Returns the model in eval mode; ``model.model_args`` holds the kwargs that rebuild it
     from its registered name (what a Hub ``config.json`` stores).
     """
-    import timm  # deferred: timm.create_model needs this module's registrations done
-
     name, args = official_model_args(state_dict, official_kwargs, variant=variant, family=family)
-    model = timm.create_model(name, pretrained=False, **args)
-    model.load_state_dict(convert_official_state_dict(_unwrap(state_dict)), strict=True)
-    # what rebuilds it: timm.create_model(model.pretrained_cfg["architecture"], **model_args)
-    model.model_args = args
-    return model.eval()
+    return build_converted(name, args, lambda m: convert_official_state_dict(_unwrap(state_dict)))
 
 
 # ----------------------------------------------------------------------------------------------
