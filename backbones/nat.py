@@ -50,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -84,17 +84,6 @@ def _fit_axis(size: int, kernel_size: int, dilation: int, policy: str) -> tuple[
 
 # ----------------------------------------------------------------------------------------------
 # layers
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale on channels-last input (official ``gamma1`` / ``gamma2``)."""
-
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 class NeighborhoodAttention2d(nn.Module):
