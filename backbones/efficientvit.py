@@ -25,7 +25,6 @@ Stage outputs are NCHW tensors in channels-last memory, so ``features_only`` and
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -46,7 +45,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import build_converted, head_classes, registered_variant
 from visionattn.kernels import na2d
 
 __all__ = [
@@ -858,43 +857,13 @@ def official_to_model_args(official_kwargs: Mapping[str, Any]) -> dict[str, Any]
     return args
 
 
-def _num_classes(state_dict: Mapping[str, torch.Tensor], key: str) -> int:
-    return int(state_dict[key].shape[0]) if key in state_dict else 0
-
-
-def _registered_name(args: Mapping[str, Any]) -> str:
-    """The registered variant whose full config ``args`` has (a label: every arg is passed)."""
-
-    def norm(v: Any) -> Any:
-        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(EfficientVitMsra.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    for name, cfg in _TIMM_ARGS.items():
-        full = {**defaults, **cfg}
-        if all(
-            norm(v) == norm(full[k]) for k, v in args.items() if k in full and k != "num_classes"
-        ):
-            return "va_" + name
-    return "va_" + next(iter(_TIMM_ARGS))
-
-
-def _build_and_load(
-    name: str, args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]
-) -> EfficientVitMsra:
-    return build_converted(name, args, lambda m: checkpoint_filter_fn(state_dict, m))
-
-
 def from_timm(timm_model_name: str, state_dict: Mapping[str, torch.Tensor]) -> EfficientVitMsra:
     """Our counterpart of timm's ``efficientvit_m*`` model, with its weights loaded (strict)."""
     base = timm_model_name.split(".", 1)[0]
     if base not in _TIMM_ARGS:
         raise ValueError(f"timm_model_name: {timm_model_name!r} is not one of {sorted(_TIMM_ARGS)}")
-    args = {"num_classes": _num_classes(state_dict, "head.linear.weight")}
-    return _build_and_load("va_" + base, args, state_dict)
+    args = {"num_classes": head_classes(state_dict, "head.linear.weight")}
+    return build_converted("va_" + base, args, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
 def from_official(
@@ -917,8 +886,9 @@ def from_official(
             raise ValueError(f"variant: {variant!r} is not one of {sorted(OFFICIAL_VARIANTS)}")
         official_kwargs = OFFICIAL_VARIANTS[names[variant.lower()]]
     args = official_to_model_args(official_kwargs)
-    args["num_classes"] = _num_classes(state_dict, "head.l.weight")
-    return _build_and_load(_registered_name(args), args, state_dict)
+    args["num_classes"] = head_classes(state_dict, "head.l.weight")
+    name = registered_variant(EfficientVitMsra, _TIMM_ARGS, args)
+    return build_converted(name, args, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
 # --------------------------------------------------------------------- registration
