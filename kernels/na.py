@@ -136,6 +136,15 @@ def _na_bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
+def _reduce_dbias(ds: Tensor, bias_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Sum the ``[B, h, N, K]`` logit gradient over the dims the bias broadcasts over."""
+    if bias_shape[0] == 1 and ds.shape[0] != 1:
+        ds = ds.sum(0, keepdim=True)
+    if bias_shape[1] == 1 and ds.shape[1] != 1:
+        ds = ds.sum(1, keepdim=True)
+    return ds.to(dtype)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, kernel_size, stride, dilation, is_causal, zero_border, scale = inputs
     out, lse = output
@@ -152,18 +161,47 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     need_dbias = bool(ctx.bias_needs_grad and ctx.needs_input_grad[3])
     dq, dk, dv, ds = _na_bwd(dout, dlse, q, k, v, out, lse, bias, *ctx.args, ctx.scale, need_dbias)
-    dbias = None
-    if need_dbias:
-        bb, hb = ctx.bias_shape[0], ctx.bias_shape[1]
-        if bb == 1 and ds.shape[0] != 1:
-            ds = ds.sum(0, keepdim=True)
-        if hb == 1 and ds.shape[1] != 1:
-            ds = ds.sum(1, keepdim=True)
-        dbias = ds.to(bias.dtype)
+    dbias = _reduce_dbias(ds, ctx.bias_shape, bias.dtype) if need_dbias else None
     return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 torch.library.register_autograd("visionattn::na_fwd", _backward, setup_context=_setup_context)
+
+
+class _NAFunction(torch.autograd.Function):
+    """Eager path: the same implementations as the custom ops, without their dispatch.
+
+    ``torch.library`` custom ops cost a few hundred microseconds of host time per call (schema
+    parsing of the arguments, the autograd wrapper, redispatch); models with many small
+    windowed-attention calls (EfficientViT: 84 per step) were host-bound on it. Outside
+    ``torch.compile`` this Function calls the implementation directly; under compile the
+    custom ops are used so the graph still traces through them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, p: NAParams):  # noqa: D102 - see class docstring
+        if _use_triton(q):
+            out, lse = _tri.forward(q, k, v, bias, p)
+        else:
+            out, lse = reference_forward(q, k, v, bias, p)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.p = p
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # noqa: D102
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        p = ctx.p
+        if _use_triton(q):
+            dq, dk, dv, ds = _tri.backward(dout, dlse, q, k, v, out, lse, bias, p, need_dbias)
+        else:
+            dq, dk, dv, ds = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_dbias)
+        dbias = _reduce_dbias(ds, tuple(bias.shape), bias.dtype) if need_dbias else None
+        return dq, dk, dv, dbias, None
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,6 +238,53 @@ def _combined_bias(
     return bias
 
 
+def _hkey(x: object) -> object:
+    """Hashable, type-exact key of a scalar or sequence argument (``3``, ``3.0`` and ``True``
+    must not share a cache entry: only some of them are valid)."""
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return (type(x), x)
+    if isinstance(x, (list, tuple)):
+        return tuple(_hkey(e) for e in x)
+    raise TypeError("not cacheable")
+
+
+def _tspec(t: object) -> object:
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+_CHECKED: dict = {}
+
+
+def _checked_params(
+    n: int, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
+) -> NAParams:
+    """:func:`check_na_args`, memoised on everything it looks at (tensor types, shapes,
+    dtypes, devices and the parameters): a model repeats the same few calls every step, and
+    the full validation is tens of microseconds of Python per call. Only successful checks
+    are cached, so bad arguments always reach the checker and its error messages."""
+    try:
+        key = (
+            n, _tspec(q), _tspec(k), _tspec(v), _hkey(kernel_size), _hkey(stride),
+            _hkey(dilation), _hkey(is_causal), _tspec(rpb), _tspec(attn_bias), _hkey(scale),
+            _hkey(border),
+        )  # fmt: skip
+        hash(key)
+    except (AttributeError, TypeError):
+        key = None
+    if key is not None:
+        p = _CHECKED.get(key)
+        if p is not None:
+            return p
+    p = check_na_args(
+        n, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
+    )
+    if key is not None:
+        if len(_CHECKED) >= 4096:  # a bound, not an LRU: real workloads have few keys
+            _CHECKED.clear()
+        _CHECKED[key] = p
+    return p
+
+
 def neighborhood_attention(
     n_dims: int,
     q: Tensor,
@@ -218,15 +303,18 @@ def neighborhood_attention(
     """Rank-generic entry point behind :func:`na1d`, :func:`na2d` and :func:`na3d`."""
     if n_dims not in (1, 2, 3):
         raise ValueError(f"n_dims must be 1, 2 or 3, got {n_dims}")
-    p = check_na_args(
+    p = _checked_params(
         n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
     )
     spatial = tuple(q.shape[1 : 1 + n_dims])
     bias = _combined_bias(q, spatial, p, rpb, attn_bias)
-    out, lse = _na_fwd(
-        q, k, v, bias, list(p.kernel_size), list(p.stride), list(p.dilation),
-        list(p.is_causal), p.zero_border, p.scale,
-    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        out, lse = _na_fwd(
+            q, k, v, bias, list(p.kernel_size), list(p.stride), list(p.dilation),
+            list(p.is_causal), p.zero_border, p.scale,
+        )  # fmt: skip
+    else:
+        out, lse = _NAFunction.apply(q, k, v, bias, p)
     return (out, lse) if return_lse else out
 
 

@@ -25,7 +25,9 @@ is the bias gradient.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -411,11 +413,6 @@ def _pad3(vals: tuple, n: int, fill) -> tuple:
     return (fill,) * (3 - n) + tuple(vals)
 
 
-def _strides(t: Tensor, n: int) -> tuple[int, ...]:
-    st = t.stride()
-    return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
-
-
 def _lg_max(L: int, d: int) -> int:
     return -(-L // d)
 
@@ -499,39 +496,98 @@ def _geometry(q: Tensor, p: NAParams):
     return n, L, K, S, D, C
 
 
+class _Plan(NamedTuple):
+    """Everything about a launch that depends only on shapes, dtype and parameters."""
+
+    n: int
+    geo: tuple  # H, L0..2, K0..2, S0..2, D0..2
+    flags: tuple  # C0, C1, C2, ZERO (runtime ints)
+    any_causal: bool
+    scale2: float
+    dk: int
+    dv: int
+    dkp: int
+    dvp: int
+    ieee: bool
+    fwd_grid: tuple
+    fwd_sizes: tuple  # NT0..2, QSTEP0..2
+    fwd_meta: dict  # constexpr tiles + launch options
+    kv_grid: tuple
+    kv_sizes: tuple  # NT0..2 of key tiles
+    kv_meta: dict
+    bwd_opts: dict
+    ntok: int
+    kt: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: tuple) -> _Plan:
+    n = len(shape) - 3
+    L = _pad3(shape[1 : 1 + n], n, 1)
+    K = _pad3(p.kernel_size, n, 1)
+    S = _pad3(p.stride, n, 1)
+    D = _pad3(p.dilation, n, 1)
+    C = _pad3(p.is_causal, n, False)
+    B, H, dk = shape[0], shape[-2], shape[-1]
+    dkp, dvp = _head_pads(dk, dv)
+    ieee = dtype == torch.float32
+    wide = ieee and max(dkp, dvp) >= 64
+    tq, qstep, kb = _fwd_config(L, K, S, D, n)
+    nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
+    ktile, qb = _kv_config(L, K, D, n)
+    ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
+    tiles = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2])
+    return _Plan(
+        n=n, geo=(H, *L, *K, *S, *D), flags=(*(int(c) for c in C), int(p.zero_border)),
+        any_causal=any(C), scale2=p.scale * _LOG2E, dk=dk, dv=dv, dkp=dkp, dvp=dvp, ieee=ieee,
+        fwd_grid=(math.prod(nt) * math.prod(D) * H, B), fwd_sizes=(*nt, *qstep),
+        fwd_meta=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(fp32_wide=wide)),
+        kv_grid=(math.prod(ntk) * math.prod(D) * H, B), kv_sizes=ntk,
+        kv_meta=dict(
+            KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
+            DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide),
+        ),
+        bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide)),
+        ntok=math.prod(L), kt=math.prod(K),
+    )  # fmt: skip
+
+
+def _plan(q: Tensor, dv: int, p: NAParams) -> _Plan:
+    # _TUNE is part of the key so experiments that edit it see fresh plans
+    tune = tuple(sorted(_TUNE.items())) if _TUNE else ()
+    return _plan_cached(tuple(q.shape), dv, q.dtype, p, tune)
+
+
+def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
+    st = t.stride()
+    if n == 2:  # the common case without the generic padding
+        return (st[0], 0, st[1], st[2], st[3], st[4])
+    return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
+
+
 def _bias_args(bias: Tensor | None, q: Tensor):
     if bias is None:
         return q, 0, 0  # dummy pointer, never read
-    bias = bias.contiguous()
     bb, hb, n, kt = bias.shape
-    sbb = 0 if bb == 1 else hb * n * kt
-    sbh = 0 if hb == 1 else n * kt
+    if bias.stride(3) != 1 or bias.stride(2) != kt:
+        bias = bias.contiguous()
+    sbb = 0 if bb == 1 else bias.stride(0)
+    sbh = 0 if hb == 1 else bias.stride(1)
     return bias, sbb, sbh
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams):
     """Returns ``(out [B, *S, h, dv], lse [B, *S, h] float32)``."""
-    n, L, K, S, D, C = _geometry(q, p)
-    B, H, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    out = torch.empty(*q.shape[:-1], dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    tq, qstep, kb = _fwd_config(L, K, S, D, n)
-    nt = [-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3)]
+    pl = _plan(q, v.shape[-1], p)
+    n = pl.n
+    out = q.new_empty(*q.shape[:-1], pl.dv)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    dkp, dvp = _head_pads(dk, dv)
-    ieee = q.dtype == torch.float32
-    wide = ieee and max(dkp, dvp) >= 64
-    grid = (math.prod(nt) * math.prod(D) * H, B)
-    _na_fwd_kernel[grid](
+    _na_fwd_kernel[pl.fwd_grid](
         q, k, v, out, lse, bias_t, q, q, q, q,
-        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(out, n), *_strides(q, n),
-        sbb, sbh,
-        H, *L, *K, *S, *D, *nt, *qstep,
-        p.scale * _LOG2E, dk, dv,
-        int(C[0]), int(C[1]), int(C[2]), int(p.zero_border),
-        HAS_BIAS=bias is not None, BWD=False, WRITE_DBIAS=False,
-        TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2],
-        DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(fp32_wide=wide),
+        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+        *_strides_of(q, n), sbb, sbh, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk, pl.dv, *pl.flags,
+        HAS_BIAS=bias is not None, BWD=False, WRITE_DBIAS=False, **pl.fwd_meta,
     )  # fmt: skip
     return out, lse
 
@@ -549,55 +605,35 @@ def backward(
     need_dbias: bool,
 ):
     """Returns ``(dq, dk, dv, dbias [B, h, N, K] float32 or None)``."""
-    n, L, K, S, D, C = _geometry(q, p)
-    B, H, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    pl = _plan(q, v.shape[-1], p)
+    n = pl.n
+    B, H = q.shape[0], q.shape[-2]
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dkt = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dvt = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    ntok, kt = math.prod(L), math.prod(K)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
     dbias = None
     if need_dbias:
         # causal-masked window positions are never visited: their gradient is zero
-        alloc = torch.zeros if any(C) else torch.empty
-        dbias = alloc(B, H, ntok, kt, dtype=torch.float32, device=q.device)
+        alloc = torch.zeros if pl.any_causal else torch.empty
+        dbias = alloc(B, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    ieee = q.dtype == torch.float32
-    DKp, DVp = _head_pads(dk, dv)
-    wide = ieee and max(DKp, DVp) >= 64
-
-    tq, qstep, kb = _fwd_config(L, K, S, D, n)
-    nt = [-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3)]
-    grid = (math.prod(nt) * math.prod(D) * H, B)
-    _na_fwd_kernel[grid](
+    _na_fwd_kernel[pl.fwd_grid](
         q, k, v, out, lse, bias_t, dout, delta, dq, dbias if need_dbias else q,
-        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(dout, n), *_strides(dq, n),
-        sbb, sbh,
-        H, *L, *K, *S, *D, *nt, *qstep,
-        p.scale * _LOG2E, dk, dv,
-        int(C[0]), int(C[1]), int(C[2]), int(p.zero_border),
-        HAS_BIAS=bias is not None, BWD=True, WRITE_DBIAS=need_dbias,
-        TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2],
-        DK=DKp, DV=DVp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide),
+        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(dout, n),
+        *_strides_of(dq, n), sbb, sbh, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk, pl.dv,
+        *pl.flags, HAS_BIAS=bias is not None, BWD=True, WRITE_DBIAS=need_dbias, **pl.bwd_opts,
     )  # fmt: skip
-
-    ktile, qb = _kv_config(L, K, D, n)
-    ntk = [-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3)]
-    grid = (math.prod(ntk) * math.prod(D) * H, B)
-    _na_bwd_kv_kernel[grid](
+    _na_bwd_kv_kernel[pl.kv_grid](
         q, k, v, lse, bias_t, dout, delta, dkt, dvt,
-        *_strides(q, n), *_strides(k, n), *_strides(v, n), *_strides(dout, n),
-        *_strides(dkt, n), *_strides(dvt, n),
-        sbb, sbh,
-        H, *L, *K, *S, *D, *ntk,
-        p.scale * _LOG2E, dk, dv,
-        int(C[0]), int(C[1]), int(C[2]), int(p.zero_border), HAS_BIAS=bias is not None,
-        KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
-        DK=DKp, DV=DVp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide),
+        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(dout, n),
+        *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, *pl.geo, *pl.kv_sizes,
+        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, **pl.kv_meta,
     )  # fmt: skip
     return dq, dkt, dvt, dbias

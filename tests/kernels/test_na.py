@@ -517,3 +517,31 @@ def test_shared_window_path_matches_per_query_path(spatial, kw, monkeypatch) -> 
     slow, slow_lse = na2d(q, k, v, rpb=rpb, return_lse=True, **kw)
     torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(fast_lse, slow_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_argument_cache_keeps_errors_and_eager_matches_custom_op() -> None:
+    # validation is memoised on argument types/shapes: an invalid variant of a cached valid
+    # call (3.0 vs 3, True vs 1) must still reach the checker and raise
+    q, k, v = _qkv()
+    na2d(q, k, v, 3)
+    with pytest.raises(TypeError, match="kernel_size"):
+        na2d(q, k, v, 3.0)
+    with pytest.raises(TypeError, match="kernel_size"):
+        na2d(q, k, v, (3, True))
+    # eager autograd.Function vs the custom op (the compiled path): same values and gradients,
+    # including a gradient that reaches only the lse output
+    from visionattn.kernels.na import _na_fwd
+
+    g = torch.Generator().manual_seed(11)
+    ins = [torch.randn(2, 5, 6, 2, 8, generator=g, requires_grad=True) for _ in range(3)]
+    ab = torch.randn(1, 2, 5, 6, 3, 3, generator=g, requires_grad=True)
+    out, lse = na2d(*ins, 3, stride=(1, 2), attn_bias=ab, return_lse=True)
+    ga = torch.autograd.grad(lse.sum(), [*ins, ab])
+    ref_out, ref_lse = _na_fwd(
+        *ins, ab.reshape(1, 2, 30, 9), [3, 3], [1, 2], [1, 1], [False, False], False, 8**-0.5
+    )
+    gb = torch.autograd.grad(ref_lse.sum(), [*ins, ab])
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse.reshape(lse.shape))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
