@@ -44,6 +44,7 @@ arguments: ``timm.create_model("dinat_mini", dilations=[[1, 28, 1], ...])``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -405,6 +406,10 @@ class NAT(nn.Module):
         patch_norm: LayerNorm after the ``"patch"`` stem.
         rel_pos_bias: learn a relative position bias per block.
         dilation_policy: ``"adapt"`` or ``"pad"`` (module docstring).
+        dense_norms: the official detection/segmentation backbone layout: a LayerNorm on
+            every stage's output (official ``norm0``..``norm3``), applied to the features
+            ``forward_intermediates`` / ``features_only`` return, and no final norm. Official
+            mmdet/mmseg NAT/DiNAT checkpoints load into this layout.
     """
 
     def __init__(
@@ -431,6 +436,7 @@ class NAT(nn.Module):
         patch_norm: bool = True,
         rel_pos_bias: bool = True,
         dilation_policy: str = "adapt",
+        dense_norms: bool = False,
     ) -> None:
         super().__init__()
         _check_drop(attn_drop_rate)
@@ -491,7 +497,12 @@ class NAT(nn.Module):
             self.feature_info.append(
                 dict(num_chs=dims[i], reduction=stem_reduction * 2**i, module=f"stages.{i}")
             )
-        self.norm = nn.LayerNorm(self.num_features)
+        if dense_norms:
+            self.dense_norms: nn.ModuleList | None = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+            self.norm: nn.Module = nn.Identity()
+        else:
+            self.dense_norms = None
+            self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
             input_fmt="NHWC",
@@ -545,7 +556,8 @@ class NAT(nn.Module):
 
         ``indices``: last n stages if int, all if None, else the given stage indices.
         ``norm`` applies the final norm to the last stage's output. ``output_fmt``: ``"NCHW"``
-        or ``"NHWC"`` for the intermediates.
+        or ``"NHWC"`` for the intermediates. With ``dense_norms`` every intermediate goes
+        through its stage's norm, as the official detection/segmentation backbone returns it.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt: must be 'NCHW' or 'NHWC', got {output_fmt!r}")
@@ -558,7 +570,10 @@ class NAT(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
+                if self.dense_norms is not None:
+                    y = self.dense_norms[i](x)
+                else:
+                    y = self.norm(x) if norm and i == last else x
                 intermediates.append(
                     y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y
                 )
@@ -578,6 +593,8 @@ class NAT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
+        if self.dense_norms is not None:
+            self.dense_norms = self.dense_norms[: max_index + 1]
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_head or prune_end:
@@ -880,8 +897,20 @@ def _ours_from_official_kwargs(arch: str, official_kwargs: Mapping[str, Any]) ->
                 )
         elif key == "img_size" and arch == "isotropic":
             continue  # the official model is fixed to img_size; ours takes any size
-        elif key == "pretrained":
-            continue
+        elif key in ("pretrained", "type"):
+            continue  # a weights path / the mmdet registry name: not architecture
+        elif key == "frozen_stages" and arch != "isotropic":
+            if value != -1:
+                raise ValueError(
+                    f"official_kwargs: frozen_stages={value!r} is a training setting of the "
+                    "mmdet backbone; freeze parameters yourself (only -1 is accepted)"
+                )
+        elif key == "out_indices" and arch != "isotropic":
+            if sorted(value) != list(range(len(official_kwargs.get("depths", value)))):
+                raise ValueError(
+                    f"official_kwargs: out_indices={value!r}: only every stage is supported "
+                    "(take a subset with features_only=True, out_indices=...)"
+                )
         elif key in names:
             out[names[key]] = list(value) if isinstance(value, tuple) else value
         else:
@@ -925,12 +954,18 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
                 break
         else:
             raise ValueError(f"state_dict: no tensors found; top-level keys {list(sd)[:10]}")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("backbone.") for k in sd):
+        # an mmdet/mmseg checkpoint: keep the backbone, drop neck and heads
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
 
 
 def _convert_key(key: str, arch: str) -> str | None:
     """Our key for one official key (None if the official key is unknown)."""
     parts = key.split(".")
+    if arch != "isotropic" and len(parts) == 2 and re.fullmatch(r"norm\d+", parts[0]):
+        return f"dense_norms.{parts[0][4:]}.{parts[1]}"  # detection/segmentation out norms
     if parts[0] in ("norm", "head"):
         if parts[0] == "head" and len(parts) == 2:
             return "head.fc." + parts[1]
@@ -1004,6 +1039,13 @@ def checkpoint_filter_fn(
     for k, v in sd.items():
         if k.endswith(".rpb") and k in target and target[k].shape != v.shape:
             sd[k] = _resize_rpb(v, target[k].shape[-1])
+    if getattr(model, "dense_norms", None) is None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("dense_norms.")}
+    elif not any(k.startswith("dense_norms.") for k in sd):
+        # A classification checkpoint into the detection layout: the official detection
+        # training starts the same way (non-strict load, fresh out norms, no final norm/head).
+        sd = {k: v for k, v in sd.items() if not k.startswith(("norm.", "head."))}
+        sd |= {k: v.clone() for k, v in target.items() if k.startswith("dense_norms.")}
     return sd
 
 
@@ -1061,12 +1103,15 @@ def official_model_args(
             f"{n_cls} outputs"
         )
     ours["num_classes"] = n_cls
+    layout = dict(ours)
+    if any(re.fullmatch(r"norm\d+\.weight", k) for k in sd):
+        ours["dense_norms"] = True  # an mmdet/mmseg backbone checkpoint
     if variant in OFFICIAL_VARIANTS:
         name = variant
     else:
         matches = [
             n for n, (a, kw) in OFFICIAL_VARIANTS.items()
-            if a == arch and _ours_from_official_kwargs(a, kw) | {"num_classes": n_cls} == ours
+            if a == arch and _ours_from_official_kwargs(a, kw) | {"num_classes": n_cls} == layout
         ]  # fmt: skip
         name = matches[0] if matches else _default_name(arch, ours)
     return name, ours

@@ -350,3 +350,58 @@ def test_parity_official_cuda(
     assert err <= TOL and max(errs) <= TOL, (err, errs)
     scale = t["output"].abs().max().item()
     assert (logits_bf16 - t["output"]).abs().max().item() <= 0.05 * scale + 1e-2
+
+
+def _mmdet_checkpoint(sd: dict, n_stages: int, seed: int = 0) -> tuple[dict, list]:
+    """An official mmdet/mmseg-style checkpoint made from a classification state dict: the
+    backbone under ``backbone.`` with out norms ``norm0..`` (no final norm/head), plus a neck."""
+    g = torch.Generator().manual_seed(seed)
+    body = {k: v for k, v in sd.items() if not k.startswith(("norm.", "head."))}
+    norms = []
+    for i in range(n_stages):
+        c = sd[f"levels.{i}.blocks.0.norm1.weight"].shape[0]
+        w, b = 1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
+        body[f"norm{i}.weight"], body[f"norm{i}.bias"] = w, b
+        norms.append((w, b))
+    state = {f"backbone.{k}": v for k, v in body.items()}
+    state["neck.lateral_convs.0.conv.weight"] = torch.randn(8, 4, 1, 1, generator=g)
+    return {"meta": {"epoch": 36}, "state_dict": state}, norms
+
+
+def test_parity_detection_checkpoint(parity_path: Path) -> None:
+    """An official detection/segmentation backbone checkpoint (``backbone.*`` keys with the
+    per-stage out norms ``norm0..3``) converts into ``dense_norms=True`` and returns the
+    official features: each stage's official output through its out norm."""
+    t, meta, sd = _load_vector(parity_path, "dinat_mini_reduced")
+    n = len(meta["features"])
+    ckpt, norms = _mmdet_checkpoint(sd, n)
+    kwargs = {k: v for k, v in meta["constructor_kwargs"].items() if k != "num_classes"}
+    kwargs |= {"out_indices": list(range(n)), "frozen_stages": -1, "type": "DiNAT"}
+    model = convert.from_official("dinat", ckpt, kwargs)
+    assert model.dense_norms is not None and model.num_classes == 0
+    with torch.no_grad():
+        feats = model.forward_intermediates(t["input"], intermediates_only=True)
+    for f, fm, (w, b) in zip(feats, meta["features"], norms):
+        ref = F.layer_norm(t[fm["key"]], (w.numel(),), w, b).permute(0, 3, 1, 2)
+        assert (f - ref).abs().max().item() <= TOL, fm["module"]
+    with pytest.raises(ValueError, match="frozen_stages"):
+        convert.from_official("dinat", ckpt, kwargs | {"frozen_stages": 1})
+
+
+def test_dense_norms_features_and_classification_start(tmp_path: Path) -> None:
+    """``features_only`` with ``dense_norms`` normalizes every level; a classification
+    checkpoint loads into that layout with fresh out norms (the official detection start)."""
+    src = timm.create_model("test_nat").eval()
+    path = tmp_path / "cls.pth"
+    torch.save(src.state_dict(), path)
+    model = timm.create_model(
+        "test_nat", features_only=True, dense_norms=True, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        feats = model(x)
+        ref = src.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+    assert len(feats) == len(ref)
+    for f, r in zip(feats, ref):
+        assert (f - F.layer_norm(r, r.shape[-1:]).permute(0, 3, 1, 2)).abs().max() <= TOL
