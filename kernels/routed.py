@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .routed_reference import routed_bwd_reference, routed_fwd_reference
 
@@ -66,6 +67,29 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- custom ops
+def _fwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    t: tuple[int, int, int, int],
+    scale: float,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # need_lse=False (inference without return_lse) returns an empty lse and skips writing it
+    if _use_triton(q):
+        return _triton_module().routed_fwd(q, k, v, indices, t, scale, need_lse)
+    out, lse = routed_fwd_reference(q, k, v, indices, t, scale)
+    return out.contiguous(), (lse.contiguous() if need_lse else lse.new_empty(0))
+
+
+def _bwd_impl(dout, q, k, v, indices, out, lse, dlse, t, scale):
+    if _use_triton(q):
+        return _triton_module().routed_bwd(dout, q, k, v, indices, out, lse, dlse, t, scale)
+    dq, dk, dv = routed_bwd_reference(dout, q, k, v, indices, out, lse, dlse, t, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
 @torch.library.custom_op("visionattn::routed_attn_fwd", mutates_args=())
 def _routed_fwd_op(
     q: torch.Tensor,
@@ -76,12 +100,8 @@ def _routed_fwd_op(
     scale: float,
     need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # need_lse=False (inference without return_lse) returns an empty lse and skips writing it
     t = (int(tiles[0]), int(tiles[1]), int(tiles[2]), int(tiles[3]))
-    if _use_triton(q):
-        return _triton_module().routed_fwd(q, k, v, indices, t, scale, need_lse)
-    out, lse = routed_fwd_reference(q, k, v, indices, t, scale)
-    return out.contiguous(), (lse.contiguous() if need_lse else lse.new_empty(0))
+    return _fwd_impl(q, k, v, indices, t, scale, need_lse)
 
 
 @_routed_fwd_op.register_fake
@@ -108,10 +128,7 @@ def _routed_bwd_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = (int(tiles[0]), int(tiles[1]), int(tiles[2]), int(tiles[3]))
-    if _use_triton(q):
-        return _triton_module().routed_bwd(dout, q, k, v, indices, out, lse, dlse, t, scale)
-    dq, dk, dv = routed_bwd_reference(dout, q, k, v, indices, out, lse, dlse, t, scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _bwd_impl(dout, q, k, v, indices, out, lse, dlse, t, scale)
 
 
 @_routed_bwd_op.register_fake
@@ -144,6 +161,38 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd(
     "visionattn::routed_attn_fwd", _backward, setup_context=_setup_context
 )
+
+
+class _RoutedEager(torch.autograd.Function):
+    """The same forward/backward as the custom ops, for plain eager calls: a
+    ``torch.autograd.Function`` straight onto the implementations costs a fraction of the
+    custom-op dispatch (which ``torch.compile`` needs, and keeps)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, tiles, scale, need_lse):
+        out, lse = _fwd_impl(q, k, v, indices, tiles, scale, need_lse)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, indices, out, lse)
+        ctx.tiles = tiles
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, indices, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _bwd_impl(dout, q, k, v, indices, out, lse, dlse, ctx.tiles, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _eager_ok(q: torch.Tensor) -> bool:
+    """Plain tensors, no compile/export tracing and no dispatch mode: the direct path is safe."""
+    return (
+        type(q) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and _current_dispatch_mode() is None
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -242,7 +291,8 @@ def _check_inputs(
         raise ValueError(f"head counts differ: q {nheads}, k {k.shape[3]}, v {v.shape[3]}")
     if k.shape[4] != d:
         raise ValueError(f"k head_dim {k.shape[4]} must equal q head_dim {d}")
-    if k.shape[1:3] != v.shape[1:3]:
+    # (torch.Size comparisons go through symbolic-shape helpers: compare plain tuples)
+    if (k.shape[1], k.shape[2]) != (v.shape[1], v.shape[2]):
         raise ValueError(
             f"k and v must share their spatial size, got {tuple(k.shape[1:3])} and "
             f"{tuple(v.shape[1:3])}"
@@ -334,7 +384,13 @@ def routed_attention(
     need_lse = return_lse or (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     )
-    out, lse = _routed_fwd_op(q, k, v, indices, [th, tw, kth, ktw], scale, need_lse)
+    tiles = (th, tw, kth, ktw)
+    if not _eager_ok(q):
+        out, lse = _routed_fwd_op(q, k, v, indices, list(tiles), scale, need_lse)
+    elif need_lse and torch.is_grad_enabled():
+        out, lse = _RoutedEager.apply(q, k, v, indices, tiles, scale, need_lse)
+    else:  # inference: no autograd node at all
+        out, lse = _fwd_impl(q, k, v, indices, tiles, scale, need_lse)
     if return_lse:
         return out, lse
     return out

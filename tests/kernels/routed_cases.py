@@ -157,6 +157,21 @@ def test_interpreted_sweep(interp, shard):
             ) from e
 
 
+@pytest.mark.parametrize(
+    "tune",
+    [
+        dict(fwd_rows=64, fwd_cols=32, dkv_keys=64, dkv_rows=16),
+        dict(fwd_rows=16, fwd_cols=256, dkv_keys=16, dkv_rows=128),
+    ],
+)
+def test_interpreted_other_packings(interp, monkeypatch, tune):
+    """Other tile packings (more/fewer tiles per program, other key steps) give the same."""
+    monkeypatch.setattr(interp, "TUNE", {**interp.TUNE, **tune})
+    rng = random.Random(77 + tune["fwd_rows"])
+    for i in range(12):
+        _check_case(interp, *_case(rng, small=True), with_dlse=i % 4 == 0, gather=False)
+
+
 def test_interpreted_biformer_like_tiles(interp):
     """BiFormer stage-3-like 2x2 tiles on a 5x5 grid, topk 1, 7 and all-but-one."""
     g = torch.Generator().manual_seed(7)
