@@ -66,12 +66,111 @@ def _params(
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_rel(spatial: tuple[int, ...], p: NAParams, device: str) -> Tensor:
+    # Built outside inference mode: a cached inference tensor would poison every later
+    # training step that saves it for backward.
+    with torch.inference_mode(False):
+        return window_tables(spatial, p, device)[3]
+
+
+def _rel_table(spatial: tuple[int, ...], p: NAParams, device: torch.device) -> Tensor:
+    """``[N, K]`` flat index of each (query, window position) into the rpb table."""
+    if torch.compiler.is_compiling():
+        return window_tables(spatial, p, device)[3]
+    return _cached_rel(spatial, p._replace(scale=1.0), str(device))
+
+
+def _bias4(q: Tensor, p: NAParams, attn_bias: Tensor | None) -> Tensor | None:
+    """attn_bias ``[B|1, h|1, *spatial, *kernel]`` viewed as ``[B|1, h|1, N, K]``."""
+    if attn_bias is None:
+        return None
+    n = math.prod(q.shape[1:-2])
+    return attn_bias.reshape(attn_bias.shape[0], attn_bias.shape[1], n, math.prod(p.kernel_size))
+
+
+def _combined_bias(q: Tensor, p: NAParams, rpb: Tensor | None, attn_bias: Tensor | None):
+    """rpb (gathered into window layout) + attn_bias as one ``[B|1, h|1, N, K]`` logit bias:
+    the reference's input (the Triton kernels read the rpb table in place)."""
+    bias = None
+    if rpb is not None:
+        rel = _rel_table(tuple(q.shape[1:-2]), p, q.device)
+        bias = rpb.reshape(rpb.shape[0], -1)[:, rel].unsqueeze(0)  # [1, h, N, K]
+    ab = _bias4(q, p, attn_bias)
+    if ab is not None:
+        # rpb + attn_bias summed in float32: a half-precision sum would round the logits
+        if bias is None:
+            bias = ab
+        else:
+            ct = torch.promote_types(torch.promote_types(bias.dtype, ab.dtype), torch.float32)
+            bias = bias.to(ct) + ab.to(ct)
+    return bias
+
+
+def _forward_impl(
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, attn_bias: Tensor | None, p: NAParams
+) -> tuple[Tensor, Tensor]:
+    if _use_triton(q):
+        return _tri.forward(q, k, v, rpb, _bias4(q, p, attn_bias), p)
+    return reference_forward(q, k, v, _combined_bias(q, p, rpb, attn_bias), p)
+
+
+def _backward_impl(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    rpb: Tensor | None,
+    attn_bias: Tensor | None,
+    p: NAParams,
+    need_drpb: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients ``(dq, dk, dv, drpb, dattn_bias)`` (None where not needed).
+
+    d lse / d logits = P, so an lse gradient only shifts the row term of
+    dS = P * (dP - delta): both implementations use delta = sum(dout * out) - dlse. The logit
+    gradient dS in window layout is attn_bias's gradient (summed over its broadcast dims);
+    rpb's is dS summed over the batch and scattered onto the table by the relative index.
+    """
+    need_ds = need_drpb or need_dbias
+    ab4 = _bias4(q, p, attn_bias)
+    if _use_triton(q):
+        per_batch = need_dbias and ab4.shape[0] != 1
+        dq, dk, dv, ds = _tri.backward(
+            dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_ds, per_batch
+        )  # fmt: skip
+    else:
+        bias = _combined_bias(q, p, rpb, attn_bias)
+        dq, dk, dv, ds = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_ds)
+    drpb = dbias = None
+    if need_dbias:
+        dsb = ds
+        if ab4.shape[0] == 1 and dsb.shape[0] != 1:
+            dsb = dsb.sum(0, keepdim=True)
+        if ab4.shape[1] == 1 and dsb.shape[1] != 1:
+            dsb = dsb.sum(1, keepdim=True)
+        dbias = dsb.to(attn_bias.dtype).reshape(attn_bias.shape)
+    if need_drpb:
+        h = rpb.shape[0]
+        dsum = ds[0] if ds.shape[0] == 1 else ds.sum(0)  # [h, N, K]
+        rel = _rel_table(tuple(q.shape[1:-2]), p, q.device).reshape(-1)
+        acc = torch.zeros(h, rpb[0].numel(), dtype=torch.float32, device=q.device)
+        acc.index_add_(1, rel, dsum.reshape(h, -1))
+        drpb = acc.reshape(rpb.shape).to(rpb.dtype)
+    return dq, dk, dv, drpb, dbias
+
+
 @torch.library.custom_op("visionattn::na_fwd", mutates_args=())
 def _na_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    bias: Tensor | None,
+    rpb: Tensor | None,
+    attn_bias: Tensor | None,
     kernel_size: Sequence[int],
     stride: Sequence[int],
     dilation: Sequence[int],
@@ -80,13 +179,13 @@ def _na_fwd(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     p = _params(kernel_size, stride, dilation, is_causal, zero_border, scale)
-    if _use_triton(q):
-        return _tri.forward(q, k, v, bias, p)
-    return reference_forward(q, k, v, bias, p)
+    return _forward_impl(q, k, v, rpb, attn_bias, p)
 
 
 @_na_fwd.register_fake
-def _na_fwd_fake(q, k, v, bias, kernel_size, stride, dilation, is_causal, zero_border, scale):
+def _na_fwd_fake(
+    q, k, v, rpb, attn_bias, kernel_size, stride, dilation, is_causal, zero_border, scale
+):  # fmt: skip
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
@@ -101,68 +200,61 @@ def _na_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    bias: Tensor | None,
+    rpb: Tensor | None,
+    attn_bias: Tensor | None,
     kernel_size: Sequence[int],
     stride: Sequence[int],
     dilation: Sequence[int],
     is_causal: Sequence[bool],
     zero_border: bool,
     scale: float,
+    need_drpb: bool,
     need_dbias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     p = _params(kernel_size, stride, dilation, is_causal, zero_border, scale)
-    # d lse / d logits = P, so an lse gradient only shifts the row term of
-    # dS = P * (dP - delta): both implementations use delta = sum(dout * out) - dlse.
-    if _use_triton(q):
-        dq, dk, dv, dbias = _tri.backward(dout, dlse, q, k, v, out, lse, bias, p, need_dbias)
-    else:
-        dq, dk, dv, dbias = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_dbias)
+    dq, dk, dv, drpb, dbias = _backward_impl(
+        dout, dlse, q, k, v, out, lse, rpb, attn_bias, p, need_drpb, need_dbias
+    )  # fmt: skip
+    # a custom op returns tensors: empty ones stand for "no gradient"
+    if drpb is None:
+        drpb = q.new_empty(0)
     if dbias is None:
-        dbias = q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dbias
+        dbias = q.new_empty(0)
+    return dq, dk, dv, drpb, dbias
 
 
 @_na_bwd.register_fake
 def _na_bwd_fake(
-    dout, dlse, q, k, v, out, lse, bias, kernel_size, stride, dilation, is_causal, zero_border,
-    scale, need_dbias,
+    dout, dlse, q, k, v, out, lse, rpb, attn_bias, kernel_size, stride, dilation, is_causal,
+    zero_border, scale, need_drpb, need_dbias,
 ):  # fmt: skip
-    if need_dbias:
-        n = math.prod(q.shape[1:-2])
-        dbias = q.new_empty(q.shape[0], q.shape[-2], n, math.prod(kernel_size), dtype=torch.float32)
-    else:
-        dbias = q.new_empty(0, dtype=torch.float32)
+    drpb = rpb.new_empty(rpb.shape) if need_drpb else q.new_empty(0)
+    dbias = attn_bias.new_empty(attn_bias.shape) if need_dbias else q.new_empty(0)
     # every implementation returns contiguous gradients
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
-
-
-def _reduce_dbias(ds: Tensor, bias_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Sum the ``[B, h, N, K]`` logit gradient over the dims the bias broadcasts over."""
-    if bias_shape[0] == 1 and ds.shape[0] != 1:
-        ds = ds.sum(0, keepdim=True)
-    if bias_shape[1] == 1 and ds.shape[1] != 1:
-        ds = ds.sum(1, keepdim=True)
-    return ds.to(dtype)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb, dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, kernel_size, stride, dilation, is_causal, zero_border, scale = inputs
+    q, k, v, rpb, attn_bias, kernel_size, stride, dilation, is_causal, zero_border, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.save_for_backward(q, k, v, out, lse, rpb, attn_bias)
     ctx.args = (list(kernel_size), list(stride), list(dilation), list(is_causal), zero_border)
     ctx.scale = scale
-    ctx.bias_shape = None if bias is None else tuple(bias.shape)
-    ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias = ctx.saved_tensors
+    q, k, v, out, lse, rpb, attn_bias = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    need_dbias = bool(ctx.bias_needs_grad and ctx.needs_input_grad[3])
-    dq, dk, dv, ds = _na_bwd(dout, dlse, q, k, v, out, lse, bias, *ctx.args, ctx.scale, need_dbias)
-    dbias = _reduce_dbias(ds, ctx.bias_shape, bias.dtype) if need_dbias else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None
+    need_drpb = rpb is not None and ctx.needs_input_grad[3]
+    need_dbias = attn_bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, drpb, dbias = _na_bwd(
+        dout, dlse, q, k, v, out, lse, rpb, attn_bias, *ctx.args, ctx.scale, need_drpb, need_dbias
+    )  # fmt: skip
+    return (
+        dq, dk, dv, drpb if need_drpb else None, dbias if need_dbias else None,
+        None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 torch.library.register_autograd("visionattn::na_fwd", _backward, setup_context=_setup_context)
@@ -179,63 +271,24 @@ class _NAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, p: NAParams):  # noqa: D102 - see class docstring
-        if _use_triton(q):
-            out, lse = _tri.forward(q, k, v, bias, p)
-        else:
-            out, lse = reference_forward(q, k, v, bias, p)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
+    def forward(ctx, q, k, v, rpb, attn_bias, p: NAParams):  # noqa: D102 - see class doc
+        out, lse = _forward_impl(q, k, v, rpb, attn_bias, p)
+        ctx.save_for_backward(q, k, v, out, lse, rpb, attn_bias)
         ctx.p = p
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):  # noqa: D102
-        q, k, v, out, lse, bias = ctx.saved_tensors
+        q, k, v, out, lse, rpb, attn_bias = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        need_dbias = bias is not None and ctx.needs_input_grad[3]
-        p = ctx.p
-        if _use_triton(q):
-            dq, dk, dv, ds = _tri.backward(dout, dlse, q, k, v, out, lse, bias, p, need_dbias)
-        else:
-            dq, dk, dv, ds = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_dbias)
-        dbias = _reduce_dbias(ds, tuple(bias.shape), bias.dtype) if need_dbias else None
-        return dq, dk, dv, dbias, None
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_rel(spatial: tuple[int, ...], p: NAParams, device: str) -> Tensor:
-    # Built outside inference mode: a cached inference tensor would poison every later
-    # training step that saves it for backward.
-    with torch.inference_mode(False):
-        return window_tables(spatial, p, device)[3]
-
-
-def _rel_table(spatial: tuple[int, ...], p: NAParams, device: torch.device) -> Tensor:
-    if torch.compiler.is_compiling():
-        return window_tables(spatial, p, device)[3]
-    return _cached_rel(spatial, p._replace(scale=1.0), str(device))
-
-
-def _combined_bias(
-    q: Tensor, spatial: tuple[int, ...], p: NAParams, rpb: Tensor | None, attn_bias: Tensor | None
-) -> Tensor | None:
-    """rpb (gathered into window layout) + attn_bias as one [B|1, h|1, N, K] logit bias."""
-    n, kk = math.prod(spatial), math.prod(p.kernel_size)
-    bias = None
-    if rpb is not None:
-        rel = _rel_table(spatial, p, q.device)
-        bias = rpb.reshape(rpb.shape[0], -1)[:, rel].unsqueeze(0)  # [1, h, N, K]
-    if attn_bias is not None:
-        ab = attn_bias.reshape(attn_bias.shape[0], attn_bias.shape[1], n, kk)
-        # rpb + attn_bias summed in float32: a half-precision sum would round the logits
-        if bias is None:
-            bias = ab
-        else:
-            ct = torch.promote_types(torch.promote_types(bias.dtype, ab.dtype), torch.float32)
-            bias = bias.to(ct) + ab.to(ct)
-    return bias
+        need_drpb = rpb is not None and ctx.needs_input_grad[3]
+        need_dbias = attn_bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, drpb, dbias = _backward_impl(
+            dout, dlse, q, k, v, out, lse, rpb, attn_bias, ctx.p, need_drpb, need_dbias
+        )  # fmt: skip
+        return dq, dk, dv, drpb, dbias, None
 
 
 def _hkey(x: object) -> object:
@@ -306,15 +359,13 @@ def neighborhood_attention(
     p = _checked_params(
         n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
     )
-    spatial = tuple(q.shape[1 : 1 + n_dims])
-    bias = _combined_bias(q, spatial, p, rpb, attn_bias)
     if torch.compiler.is_compiling():
         out, lse = _na_fwd(
-            q, k, v, bias, list(p.kernel_size), list(p.stride), list(p.dilation),
+            q, k, v, rpb, attn_bias, list(p.kernel_size), list(p.stride), list(p.dilation),
             list(p.is_causal), p.zero_border, p.scale,
         )  # fmt: skip
     else:
-        out, lse = _NAFunction.apply(q, k, v, bias, p)
+        out, lse = _NAFunction.apply(q, k, v, rpb, attn_bias, p)
     return (out, lse) if return_lse else out
 
 

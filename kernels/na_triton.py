@@ -99,23 +99,32 @@ _SIZES = ["H", "L0", "L1", "L2", "K0", "K1", "K2", "S0", "S1", "S2", "D0", "D1",
 # ----------------------------------------------------------------------------- forward / dq
 @triton.jit(do_not_specialize=_SIZES + ["QSTEP0", "QSTEP1", "QSTEP2"])
 def _na_fwd_kernel(
-    Q, Kp, V, Out, LSE, BIAS, DO, DELTA, DQ, DBIAS,
+    Q, Kp, V, Out, LSE, BIAS, RPB, DO, DLSE, DELTA, DQ, DBIAS,
     sqb, sq0, sq1, sq2, sqh, sqd,
     skb, sk0, sk1, sk2, skh, skd,
     svb, sv0, sv1, sv2, svh, svd,
     sob, so0, so1, so2, soh, sod,
     sgb, sg0, sg1, sg2, sgh, sgd,
-    sbb, sbh,
+    sbb, sbh, srh, sdb, sdh,
     H, L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
     NT0, NT1, NT2, QSTEP0, QSTEP1, QSTEP2,
     scale2, dk_real, dv_real,
     C0, C1, C2, ZERO,
-    HAS_BIAS: tl.constexpr, BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr, ATOMIC_DBIAS: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DQ and optionally DBIAS)."""
+    """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DELTA, DQ and optionally DBIAS).
+
+    The dq pass computes ``delta = rowsum(dO * O) - dlse`` for its own query rows and writes
+    it for the dk/dv kernel (launched after it on the same stream). ``RPB`` is the per-head
+    relative-position table, read in place through the relative index. DBIAS receives the
+    logit gradient dS in ``[B|1, h, N, K]`` layout: stored per batch element, or atomically
+    summed over the batch into one slice (``ATOMIC_DBIAS``, batch stride 0) when only its
+    batch sum is needed (rpb, batch-broadcast attn_bias).
+    """
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = KB0 * KB1 * KB2
     pid = tl.program_id(0)
@@ -164,17 +173,24 @@ def _na_fwd_kernel(
     NTOK = L0 * L1 * L2
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + qflat * KT
+    if HAS_RPB:
+        rpb_h = RPB + h * srh
+        T1 = 2 * K1 - 1
+        T2 = 2 * K2 - 1
+        # relative index (k' - q' + K - 1) per axis, row-major over the (2K-1) table
+        rq = ((K0 - 1 - qp0) * T1 + (K1 - 1 - qp1)) * T2 + (K2 - 1 - qp2)
     o_row = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
     lse_off = ((b * NTOK + qflat) * H + h).to(tl.int64)
 
     if BWD:
         lse2 = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-        do = tl.load(
-            DO + o_row[:, None] + dv_[None, :] * sod,
-            mask=row_ok[:, None] & (dv_[None, :] < dv_real),
-            other=0.0,
-        )
+        omask = row_ok[:, None] & (dv_[None, :] < dv_real)
+        do = tl.load(DO + o_row[:, None] + dv_[None, :] * sod, mask=omask, other=0.0)
+        o_prev = tl.load(Out + o_row[:, None] + dv_[None, :] * sod, mask=omask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o_prev.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta = delta - tl.load(DLSE + lse_off, mask=row_ok, other=0.0)
+        tl.store(DELTA + lse_off, delta, mask=row_ok)
         dq_acc = tl.zeros([BLOCK_M, DK], dtype=tl.float32)
     else:
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -213,6 +229,10 @@ def _na_fwd_kernel(
                     tt = tt + (kp2[None, :] - st2[:, None])
                     bv = tl.load(bias_row[:, None] + tt, mask=mask, other=0.0)
                     s = s + bv.to(tl.float32) * 1.4426950408889634
+                if HAS_RPB:
+                    rk = (kp0 * T1 + kp1) * T2 + kp2
+                    rv = tl.load(rpb_h + (rq[:, None] + rk[None, :]), mask=mask, other=0.0)
+                    s = s + rv.to(tl.float32) * 1.4426950408889634
                 s = tl.where(mask, s, float("-inf"))
                 v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
                 vv = tl.load(
@@ -230,8 +250,11 @@ def _na_fwd_kernel(
                     if WRITE_DBIAS:
                         tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
                         tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
-                        dbias_row = DBIAS + ((b * H + h) * NTOK + qflat) * KT
-                        tl.store(dbias_row[:, None] + tt2, ds, mask=mask)
+                        dbias_row = DBIAS + b * sdb + h * sdh + qflat * KT
+                        if ATOMIC_DBIAS:
+                            tl.atomic_add(dbias_row[:, None] + tt2, ds, mask=mask, sem="relaxed")
+                        else:
+                            tl.store(dbias_row[:, None] + tt2, ds, mask=mask)
                     if IEEE:
                         dq_acc += tl.dot(ds, tl.trans(kt), input_precision="ieee")
                     else:
@@ -271,19 +294,19 @@ def _na_fwd_kernel(
 # ----------------------------------------------------------------------------- dk / dv
 @triton.jit(do_not_specialize=_SIZES)
 def _na_bwd_kv_kernel(
-    Q, Kp, V, LSE, BIAS, DO, DELTA, DK_, DV_,
+    Q, Kp, V, LSE, BIAS, RPB, DO, DELTA, DK_, DV_,
     sqb, sq0, sq1, sq2, sqh, sqd,
     skb, sk0, sk1, sk2, skh, skd,
     svb, sv0, sv1, sv2, svh, svd,
     sob, so0, so1, so2, soh, sod,
     sgb, sg0, sg1, sg2, sgh, sgd,
     shb, sh0, sh1, sh2, shh, shd,
-    sbb, sbh,
+    sbb, sbh, srh,
     H, L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
     NT0, NT1, NT2,
     scale2, dk_real, dv_real,
     C0, C1, C2, ZERO,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     QB0: tl.constexpr, QB1: tl.constexpr, QB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
@@ -333,6 +356,11 @@ def _na_bwd_kv_kernel(
     hi2 = tl.minimum(t2 * KT2 + KT2 + K2 - 1, lg2)
     KT = K0 * K1 * K2
     NTOK = L0 * L1 * L2
+    if HAS_RPB:
+        rpb_h = RPB + h * srh
+        T1 = 2 * K1 - 1
+        T2 = 2 * K2 - 1
+        rk = ((kp0 + K0 - 1) * T1 + (kp1 + K1 - 1)) * T2 + (kp2 + K2 - 1)
 
     r = tl.arange(0, BLOCK_M)
     r0, r1, r2 = _decode3(r, QB1, QB2)
@@ -380,6 +408,10 @@ def _na_bwd_kv_kernel(
                     bptr = BIAS + b * sbb + h * sbh + qflat[None, :] * KT + tt
                     bv = tl.load(bptr, mask=mask, other=0.0)
                     st = st + bv.to(tl.float32) * 1.4426950408889634
+                if HAS_RPB:
+                    rq = (qp0 * T1 + qp1) * T2 + qp2
+                    rv = tl.load(rpb_h + (rk[:, None] - rq[None, :]), mask=mask, other=0.0)
+                    st = st + rv.to(tl.float32) * 1.4426950408889634
                 pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
                 if IEEE:
                     dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
@@ -566,6 +598,7 @@ def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
 
 
 def _bias_args(bias: Tensor | None, q: Tensor):
+    """``[B|1, h|1, N, K]`` attn_bias -> (tensor with contiguous ``[N, K]``, batch/head strides)."""
     if bias is None:
         return q, 0, 0  # dummy pointer, never read
     bb, hb, n, kt = bias.shape
@@ -576,18 +609,33 @@ def _bias_args(bias: Tensor | None, q: Tensor):
     return bias, sbb, sbh
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams):
-    """Returns ``(out [B, *S, h, dv], lse [B, *S, h] float32)``."""
+def _rpb_args(rpb: Tensor | None, q: Tensor):
+    """``[h, 2k-1, ...]`` table -> (contiguous table, head stride)."""
+    if rpb is None:
+        return q, 0
+    if not rpb.is_contiguous():
+        rpb = rpb.contiguous()
+    return rpb, rpb.stride(0)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | None, p: NAParams):
+    """Returns ``(out [B, *S, h, dv], lse [B, *S, h] float32)``.
+
+    ``rpb``: ``[h, 2k-1, ...]`` table (read in the kernel); ``bias``: attn_bias as
+    ``[B|1, h|1, N, K]``.
+    """
     pl = _plan(q, v.shape[-1], p)
     n = pl.n
     out = q.new_empty(*q.shape[:-1], pl.dv)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     bias_t, sbb, sbh = _bias_args(bias, q)
+    rpb_t, srh = _rpb_args(rpb, q)
     _na_fwd_kernel[pl.fwd_grid](
-        q, k, v, out, lse, bias_t, q, q, q, q,
+        q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q,
         *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-        *_strides_of(q, n), sbb, sbh, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk, pl.dv, *pl.flags,
-        HAS_BIAS=bias is not None, BWD=False, WRITE_DBIAS=False, **pl.fwd_meta,
+        *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
+        pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None, HAS_DLSE=False,
+        BWD=False, WRITE_DBIAS=False, ATOMIC_DBIAS=False, **pl.fwd_meta,
     )  # fmt: skip
     return out, lse
 
@@ -600,40 +648,55 @@ def backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    rpb: Tensor | None,
     bias: Tensor | None,
     p: NAParams,
-    need_dbias: bool,
+    need_ds: bool,
+    ds_per_batch: bool,
 ):
-    """Returns ``(dq, dk, dv, dbias [B, h, N, K] float32 or None)``."""
+    """Returns ``(dq, dk, dv, ds)``; ``ds`` is the logit gradient (None unless ``need_ds``):
+    ``[B, h, N, K]`` float32 if ``ds_per_batch``, else its batch sum ``[1, h, N, K]``."""
     pl = _plan(q, v.shape[-1], p)
     n = pl.n
     B, H = q.shape[0], q.shape[-2]
-    if dout.stride(-1) != 1:
+    # dO is read with O's strides (the dq kernel forms delta = rowsum(dO * O) itself)
+    if dout.stride() != out.stride():
         dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse = lse.contiguous()
+        if dout.stride() != out.stride():
+            out = out.contiguous()
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
+    if dlse is not None and (dlse.dtype != torch.float32 or not dlse.is_contiguous()):
+        dlse = dlse.float().contiguous()
+    delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
     dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dbias = None
-    if need_dbias:
-        # causal-masked window positions are never visited: their gradient is zero
-        alloc = torch.zeros if pl.any_causal else torch.empty
-        dbias = alloc(B, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
+    ds = None
+    atomic = False
+    if need_ds:
+        atomic = not ds_per_batch and B > 1
+        bd = B if ds_per_batch else 1
+        # summed atomically from zero; causal-masked window positions are never visited
+        alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
+        ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
     bias_t, sbb, sbh = _bias_args(bias, q)
+    rpb_t, srh = _rpb_args(rpb, q)
+    sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
     _na_fwd_kernel[pl.fwd_grid](
-        q, k, v, out, lse, bias_t, dout, delta, dq, dbias if need_dbias else q,
-        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(dout, n),
-        *_strides_of(dq, n), sbb, sbh, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk, pl.dv,
-        *pl.flags, HAS_BIAS=bias is not None, BWD=True, WRITE_DBIAS=need_dbias, **pl.bwd_opts,
+        q, k, v, out, lse, bias_t, rpb_t, dout, dlse if dlse is not None else lse, delta, dq,
+        ds if need_ds else q,
+        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+        *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
+        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None,
+        HAS_DLSE=dlse is not None, BWD=True, WRITE_DBIAS=need_ds, ATOMIC_DBIAS=atomic,
+        **pl.bwd_opts,
     )  # fmt: skip
     _na_bwd_kv_kernel[pl.kv_grid](
-        q, k, v, lse, bias_t, dout, delta, dkt, dvt,
-        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(dout, n),
-        *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, *pl.geo, *pl.kv_sizes,
-        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, **pl.kv_meta,
+        q, k, v, lse, bias_t, rpb_t, dout, delta, dkt, dvt,
+        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+        *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, srh, *pl.geo, *pl.kv_sizes,
+        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None,
+        **pl.kv_meta,
     )  # fmt: skip
-    return dq, dkt, dvt, dbias
+    return dq, dkt, dvt, ds

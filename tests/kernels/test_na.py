@@ -405,8 +405,9 @@ def test_custom_op_opcheck():
 
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 5, 6, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, 2, 30, 9, generator=gen, requires_grad=True)
-    args = (q, k, v, bias, [3, 3], [1, 2], [1, 1], [False, True], True, 0.3)
+    rpb = torch.randn(2, 5, 5, generator=gen, requires_grad=True)
+    bias = torch.randn(1, 2, 5, 6, 3, 3, generator=gen, requires_grad=True)
+    args = (q, k, v, rpb, bias, [3, 3], [1, 2], [1, 1], [False, True], True, 0.3)
     torch.library.opcheck(_na_fwd, args)
 
 
@@ -535,12 +536,13 @@ def test_argument_cache_keeps_errors_and_eager_matches_custom_op() -> None:
     g = torch.Generator().manual_seed(11)
     ins = [torch.randn(2, 5, 6, 2, 8, generator=g, requires_grad=True) for _ in range(3)]
     ab = torch.randn(1, 2, 5, 6, 3, 3, generator=g, requires_grad=True)
-    out, lse = na2d(*ins, 3, stride=(1, 2), attn_bias=ab, return_lse=True)
-    ga = torch.autograd.grad(lse.sum(), [*ins, ab])
+    rpb = torch.randn(2, 5, 5, generator=g, requires_grad=True)
+    out, lse = na2d(*ins, 3, stride=(1, 2), rpb=rpb, attn_bias=ab, return_lse=True)
+    ga = torch.autograd.grad(lse.sum(), [*ins, rpb, ab])
     ref_out, ref_lse = _na_fwd(
-        *ins, ab.reshape(1, 2, 30, 9), [3, 3], [1, 2], [1, 1], [False, False], False, 8**-0.5
+        *ins, rpb, ab, [3, 3], [1, 2], [1, 1], [False, False], False, 8**-0.5
     )
-    gb = torch.autograd.grad(ref_lse.sum(), [*ins, ab])
+    gb = torch.autograd.grad(ref_lse.sum(), [*ins, rpb, ab])
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse.reshape(lse.shape))
     for a, b in zip(ga, gb):
