@@ -52,10 +52,16 @@ def _tile_major(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
 
 
 def problem_rows(prob, bw: float) -> list[dict]:
+    # every problem compiles flex (fwd and fwd+bwd) anew: keep dynamo from giving up and
+    # silently falling back to the unfused eager path after its recompile limit
+    import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from .bench import _bench, _peak_mb
 
+    for attr in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, max(getattr(torch._dynamo.config, attr), 256))
     name, (hh, ww), n_win, topk, b, heads, d = prob
     th, tw = hh // n_win, ww // n_win
     t, lq = n_win * n_win, th * tw
@@ -140,6 +146,18 @@ def problem_rows(prob, bw: float) -> list[dict]:
                     mem = _peak_mb(f)
                     for x in leaves:
                         x.grad = None
+                    # GPU time alone (CUDA graph replay: no Python, no launch latency)
+                    ms_graph = None
+                    if impl == "ours":
+                        from triton.testing import do_bench_cudagraph
+
+                        ms_graph = float(
+                            do_bench_cudagraph(
+                                f, rep=20, grad_to_none=leaves if pas == "fwdbwd" else None
+                            )
+                        )
+                        for x in leaves:
+                            x.grad = None
                 if impl == "sdpa_dense":
                     fl = fl / (topk * lq) * ntok
                 roof = by / bw * 1e3
@@ -148,7 +166,7 @@ def problem_rows(prob, bw: float) -> list[dict]:
                         name=name, op="routed", impl=impl, **{"pass": pas}, ms=ms,
                         roofline_ms=roof, pct_roofline=100.0 * roof / ms,
                         tflops=fl / (ms * 1e-3) / 1e12, peak_mem_mb=mem,
-                        speedup_vs_flex=None, shape=shape, note=note,
+                        speedup_vs_flex=None, shape=shape, note=note, ms_cudagraph=ms_graph,
                     )
                 )  # fmt: skip
         except Exception as exc:  # a baseline that cannot run (e.g. out of memory) is reported
@@ -167,6 +185,8 @@ def problem_rows(prob, bw: float) -> list[dict]:
             r["note"] = (
                 r["note"] + f"; {by_key[('gather', r['pass'])] / r['ms']:.1f}x gather"
             ).lstrip("; ")
+        if r.get("ms_cudagraph"):
+            r["note"] += f"; GPU-only (CUDA graph) {r['ms_cudagraph']:.3f} ms"
     return rows
 
 
@@ -210,10 +230,24 @@ def main() -> int:
     _fill_speedups(rs)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(format_table(rs))
+    commit = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--commit=")]
+    import triton
+
+    from .bench import copy_bandwidth
+
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_bandwidth_tbs=copy_bandwidth() / 1e12,
+        dtype="bfloat16",
+        commit=commit[0] if commit else None,
+        timing="triton do_bench median (host time included); ms_cudagraph: do_bench_cudagraph",
+    )
     for a in sys.argv[1:]:
         if a.startswith("--json="):
             with open(a[len("--json=") :], "w") as fh:
-                json.dump(rs, fh, indent=1)
+                json.dump(dict(meta=meta, rows=rs), fh, indent=1)
     return 0
 
 

@@ -33,7 +33,13 @@ _LN2 = 0.6931471805599453
 
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(int(x)))
+    # plain integer arithmetic: triton.next_power_of_2 / triton.cdiv are jit-wrapped and cost
+    # microseconds per call on the host, which these small problems cannot afford
+    return max(minimum, 1 << (max(1, int(x)) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @triton.jit
@@ -574,10 +580,16 @@ def _geometry(q, k, tiles):
 # Block-shape knobs (tuned on an H200; tests and benchmarks may override them).
 # fwd_rows: query rows per program when small tiles are packed; fwd_cols: keys per step
 # (all packed tiles together); dkv_keys: keys per dK/dV program when small kv tiles are packed;
-# dkv_rows: query rows per dK/dV step; num_warps per kernel.
+# dkv_rows: query rows per dK/dV step; warps: num_warps of all three kernels when their fixed
+# side (query rows, or keys for dK/dV) is > 32, small_warps when <= 32 (H200: 2 warps made the
+# 28x28 and 14x14 BiFormer stages 20-30% faster, 8 warps 2-3x slower).
 TUNE: dict[str, int] = dict(
-    fwd_rows=32, fwd_cols=128, dkv_keys=32, dkv_rows=64, fwd_warps=4, dq_warps=4, dkv_warps=4
+    fwd_rows=32, fwd_cols=128, dkv_keys=32, dkv_rows=64, warps=4, small_warps=2
 )
+
+
+def _warps(fixed_side: int) -> int:
+    return TUNE["small_warps"] if fixed_side <= 32 else TUNE["warps"]
 
 
 def _pow2_floor(x: int) -> int:
@@ -597,7 +609,7 @@ def _q_blocks(lq: int, n_keys: int, d: int, dv: int) -> tuple[int, int, int, int
         return pack, block_m, block_nt, 1
     block_m = min(64, _next_pow2(lq))
     cap = 64 if max(d, dv) <= 64 else 32
-    return 1, block_m, min(cap, _next_pow2(n_keys)), triton.cdiv(lq, block_m)
+    return 1, block_m, min(cap, _next_pow2(n_keys)), _cdiv(lq, block_m)
 
 
 def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]:
@@ -611,7 +623,7 @@ def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]
         block_mt = max(block_mt, 16 // pack)
         return pack, block_mt, block_n, 1
     block_n = min(cap_n, _next_pow2(lk))
-    return 1, min(TUNE["dkv_rows"], _next_pow2(rows)), block_n, triton.cdiv(lk, block_n)
+    return 1, min(TUNE["dkv_rows"], _next_pow2(rows)), block_n, _cdiv(lk, block_n)
 
 
 class _Launcher:
@@ -686,7 +698,7 @@ def routed_fwd(
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     lse_strides = lse.stride() if need_lse else (0, 0, 0, 0)
     pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * kth * ktw, d, dv)
-    grid = (triton.cdiv(t, pack) * n_mblk, b * heads)
+    grid = (_cdiv(t, pack) * n_mblk, b * heads)
     sih = idx.stride(1) if idx.shape[1] > 1 else 0
     _fwd_launch(
         grid,
@@ -699,7 +711,7 @@ def routed_fwd(
             need_lse, pack, block_m, block_nt, _next_pow2(d), _next_pow2(dv),
             _prec(q.dtype), _upcast(q.dtype),
         ),
-        TUNE["fwd_warps"],
+        _warps(block_m),
     )  # fmt: skip
     return out, lse
 
@@ -722,7 +734,7 @@ def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, t
         _index_launch(
             (groups * n_kv_tiles,),
             (idx, offsets, ref_tile),
-            (*idx.stride(), hi, t, topk, n_kv_tiles, groups, triton.next_power_of_2(t * topk)),
+            (*idx.stride(), hi, t, topk, n_kv_tiles, groups, _next_pow2(t * topk, 1)),
             4,
         )
         return offsets, ref_tile
@@ -776,7 +788,7 @@ def routed_bwd(
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
     bd, bdv = _next_pow2(d), _next_pow2(dv_dim)
     _dq_launch(
-        (triton.cdiv(t, pack) * n_mblk, b * heads),
+        (_cdiv(t, pack) * n_mblk, b * heads),
         (q, k, v, idx, out, dout, lse, dlse if dlse is not None else lse, dq, delta),
         (
             *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
@@ -786,13 +798,13 @@ def routed_bwd(
             scale * _LOG2E, scale, n_mblk,
             dlse is not None, pack, block_m, block_nt, bd, bdv, prec, upcast,
         ),
-        TUNE["dq_warps"],
+        _warps(block_m),
     )  # fmt: skip
     offsets, ref_tile = _inverted_index(idx, n_kv)
     # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
     kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
     _dkv_launch(
-        (triton.cdiv(n_kv, kpack) * n_nblk, b * heads),
+        (_cdiv(n_kv, kpack) * n_nblk, b * heads),
         (q, k, v, dout, lse, delta, dk, dv, offsets, ref_tile),
         (
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
@@ -801,6 +813,6 @@ def routed_bwd(
             scale * _LOG2E, scale, n_nblk,
             kpack, block_mt, block_n, bd, bdv, prec, upcast,
         ),
-        TUNE["dkv_warps"],
+        _warps(block_n),
     )  # fmt: skip
     return dq, dk, dv
