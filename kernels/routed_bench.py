@@ -190,7 +190,7 @@ def problem_rows(prob, bw: float) -> list[dict]:
     return rows
 
 
-def rows(quick: bool, verbose: bool = False) -> list[dict]:
+def rows(quick: bool, verbose: bool = False, on_problem=None) -> list[dict]:
     """Benchmark rows (keys of :mod:`.bench`) for every routed problem (``quick``: a subset)."""
     from .bench import copy_bandwidth
 
@@ -209,6 +209,8 @@ def rows(quick: bool, verbose: bool = False) -> list[dict]:
             )  # fmt: skip
         torch.cuda.empty_cache()
         print(f"done {prob[0]}", file=sys.stderr, flush=True)
+        if on_problem is not None:  # e.g. save partial results
+            on_problem(out)
         if verbose:
             from .bench import format_table
 
@@ -226,10 +228,6 @@ def main() -> int:
     if only:
         keep = set(only[0].split(","))
         PROBLEMS[:] = [p for p in PROBLEMS if p[0] in keep]
-    rs = rows("--quick" in sys.argv, verbose=True)
-    _fill_speedups(rs)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(format_table(rs))
     commit = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--commit=")]
     import triton
 
@@ -244,10 +242,18 @@ def main() -> int:
         commit=commit[0] if commit else None,
         timing="triton do_bench median (host time included); ms_cudagraph: do_bench_cudagraph",
     )
-    for a in sys.argv[1:]:
-        if a.startswith("--json="):
-            with open(a[len("--json=") :], "w") as fh:
+    paths = [a[len("--json=") :] for a in sys.argv[1:] if a.startswith("--json=")]
+
+    def save(rs: list[dict]) -> None:
+        _fill_speedups(rs)
+        for path in paths:
+            with open(path, "w") as fh:
                 json.dump(dict(meta=meta, rows=rs), fh, indent=1)
+
+    rs = rows("--quick" in sys.argv, verbose=True, on_problem=save)
+    save(rs)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(format_table(rs))
     return 0
 
 
