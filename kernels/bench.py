@@ -106,8 +106,12 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
 
     name, spatial, ks, st, dl, b, h, d, border, use_rpb = prob
     # Every problem recompiles flex; past dynamo's recompile limit torch silently runs flex
-    # eagerly (materialised scores), which made later flex rows meaningless.
+    # eagerly (materialised scores), which made later flex rows meaningless: reset dynamo per
+    # problem and raise the limits (fwd, fwd+bwd and grad-mode variants compile per problem).
     torch._dynamo.reset()
+    for attr in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, max(getattr(torch._dynamo.config, attr), 256))
     ntok = math.prod(spatial)
     kt = ks ** len(spatial)
     dt = torch.bfloat16
@@ -246,6 +250,70 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted kernel changes), or ``unknown``;
+    ``VISIONATTN_COMMIT`` names it where the copy has no git metadata (the lent GPU)."""
+    import os
+    import subprocess
+
+    if os.environ.get("VISIONATTN_COMMIT"):
+        return os.environ["VISIONATTN_COMMIT"]
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "kernels"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def host_overhead(n: int = 200) -> dict:
+    """Wall time per call of a tiny windowed problem where the GPU work is negligible
+    (EfficientViT-M5-like: q=k=v [128, 14, 14, 1, 16] bf16, 7x7 windows), i.e. the host
+    cost of one call: forward, forward+backward, each without and with rpb. Synchronised only
+    at the end of ``n`` calls, so it measures the host when the host is the bottleneck."""
+    import time
+
+    from . import na2d
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(128, 14, 14, 1, 16, device="cuda", dtype=torch.bfloat16, generator=gen)
+        .requires_grad_(True)
+        for _ in range(3)
+    )  # fmt: skip
+    tab = torch.randn(1, 13, 13, device="cuda", generator=gen, requires_grad=True)
+    go = torch.randn_like(q)
+    res = {}
+    for rpb in (None, tab):
+
+        def fwd(rpb=rpb):
+            with torch.no_grad():
+                na2d(q, k, v, 7, 7, rpb=rpb)
+
+        def fwdbwd(rpb=rpb):
+            na2d(q, k, v, 7, 7, rpb=rpb).backward(go)
+
+        for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            key = name + ("_rpb" if rpb is not None else "")
+            res[key] = (time.perf_counter() - t0) / n * 1e6
+    return res
+
+
 def gpu_slug() -> str:
     name = torch.cuda.get_device_name()
     m = re.search(r"(H100|H200|H20|A100|A10G?|L40S?|L4|B200|GB200|RTX ?\d{4}|V100|T4)", name)
@@ -287,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        copy_bandwidth_tbs=bw / 1e12, natten=with_natten, dtype="bfloat16",
+        copy_bandwidth_tbs=bw / 1e12, natten=with_natten, dtype="bfloat16", commit=_commit(),
+        host_us_per_call=host_overhead(),
     )  # fmt: skip
     for prob in probs:
         rows.extend(problem_rows(prob, bw, with_natten))
@@ -303,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     _fill_speedups(rows)
     print(
         f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"triton {triton.__version__}  commit {meta['commit']}  "
         f"copy bandwidth {bw / 1e12:.2f} TB/s  natten: {'yes' if with_natten else 'no'}"
+    )
+    print(
+        "host us/call (q=k=v [128,14,14,1,16] bf16, 7x7 windows): "
+        + ", ".join(f"{k_} {v_:.0f}" for k_, v_ in meta["host_us_per_call"].items())
     )
     print(format_table(rows))
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -27,8 +27,9 @@ def rel(a, b):
 
 
 def na_case(
-    name, B, H, W, h, dqk, dv, k, stride=1, dil=1, border="clamp", rpb=False, dtype=torch.bfloat16
-):
+    name, B, H, W, h, dqk, dv, k, stride=1, dil=1, border="clamp", rpb=False, dtype=torch.bfloat16,
+    ab=None,
+):  # fmt: skip
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, W, h, dqk, device="cuda", generator=g, dtype=dtype, requires_grad=True)
     kk = torch.randn(B, H, W, h, dqk, device="cuda", generator=g, dtype=dtype, requires_grad=True)
@@ -38,16 +39,28 @@ def na_case(
         if rpb
         else None
     )
-    kw = dict(kernel_size=k, stride=stride, dilation=dil, border=border, rpb=tab)
+    # attn_bias: "full" [B, h, ...] (per-batch gradient) or "b1" [1, h, ...] (batch-summed)
+    bias = (
+        torch.randn(
+            B if ab == "full" else 1, h, H, W, k, k, device="cuda", generator=g, dtype=dtype,
+            requires_grad=True,
+        )
+        if ab
+        else None
+    )  # fmt: skip
+    kw = dict(kernel_size=k, stride=stride, dilation=dil, border=border, rpb=tab, attn_bias=bias)
+    leaves = [q, kk, v] + ([tab] if rpb else []) + ([bias] if ab else [])
     out = na2d(q, kk, v, **kw)
     do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [q, kk, v] + ([tab] if rpb else []), do)
+    grads = torch.autograd.grad(out, leaves, do)
     os.environ["VISIONATTN_NA_IMPL"] = "reference"
     try:
         qs, ks, vs = (t.detach().double().requires_grad_(True) for t in (q, kk, v))
         ts = tab.detach().double().requires_grad_(True) if rpb else None
-        ref = na2d(qs, ks, vs, **{**kw, "rpb": ts})
-        rgrads = torch.autograd.grad(ref, [qs, ks, vs] + ([ts] if rpb else []), do.double())
+        bs = bias.detach().double().requires_grad_(True) if ab else None
+        ref = na2d(qs, ks, vs, **{**kw, "rpb": ts, "attn_bias": bs})
+        rleaves = [qs, ks, vs] + ([ts] if rpb else []) + ([bs] if ab else [])
+        rgrads = torch.autograd.grad(ref, rleaves, do.double())
     finally:
         os.environ.pop("VISIONATTN_NA_IMPL")
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
@@ -73,6 +86,14 @@ for dt in DTYPES:
     na_case("na2d dinat k7 d8 rpb", 2, 56, 56, 2, 32, 32, 7, dil=8, rpb=True, dtype=dt)
     na_case("na2d halo zero k14 s8", 2, 32, 32, 2, 64, 64, 14, stride=8, border="zero", dtype=dt)
     na_case("na2d nat hd12 rpb", 2, 28, 28, 2, 12, 12, 7, rpb=True, dtype=dt)
+    # rpb read in-kernel + batch-summed (atomic) / per-batch logit gradients
+    na_case("na2d maxvit block w7 rpb B8", 8, 28, 28, 2, 32, 32, 7, stride=7, rpb=True, dtype=dt)
+    na_case("na2d maxvit grid w7 rpb B8", 8, 28, 28, 2, 32, 32, 7, 7, 4, rpb=True, dtype=dt)
+    na_case("na2d rpb + attn_bias b1 B4", 4, 20, 20, 2, 32, 32, 5, rpb=True, ab="b1", dtype=dt)
+    na_case("na2d rpb + attn_bias full B3", 3, 20, 20, 2, 32, 32, 5, 1, 2, rpb=True, ab="full",
+            dtype=dt)  # fmt: skip
+    na_case("na2d halo attn_bias b1 B4", 4, 32, 32, 2, 32, 32, 14, 8, border="zero", ab="b1",
+            dtype=dt)  # fmt: skip
 
 # routed attention vs its reference, bf16
 g = torch.Generator(device="cuda").manual_seed(1)
