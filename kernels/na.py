@@ -44,13 +44,13 @@ def _impl_choice() -> str:
     return choice
 
 
-def _use_triton(q: Tensor) -> bool:
+def _use_triton(q: Tensor, k: Tensor, v: Tensor, p: NAParams) -> bool:
     choice = _impl_choice()
-    if choice == "reference" or _tri is None:
+    if choice == "reference" or _tri is None or q.dtype == torch.float64:
         return False
     if choice == "triton":
-        return q.dtype != torch.float64
-    return q.is_cuda and q.dtype != torch.float64 and _tri.supported(q)
+        return True
+    return q.is_cuda and _tri.supported(q, k, v, p.kernel_size)
 
 
 def _params(
@@ -110,7 +110,7 @@ def _combined_bias(q: Tensor, p: NAParams, rpb: Tensor | None, attn_bias: Tensor
 def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, attn_bias: Tensor | None, p: NAParams
 ) -> tuple[Tensor, Tensor]:
-    if _use_triton(q):
+    if _use_triton(q, k, v, p):
         return _tri.forward(q, k, v, rpb, _bias4(q, p, attn_bias), p)
     return reference_forward(q, k, v, _combined_bias(q, p, rpb, attn_bias), p)
 
@@ -138,7 +138,7 @@ def _backward_impl(
     """
     need_ds = need_drpb or need_dbias
     ab4 = _bias4(q, p, attn_bias)
-    if _use_triton(q):
+    if _use_triton(q, k, v, p):
         per_batch = need_dbias and ab4.shape[0] != 1
         dq, dk, dv, ds = _tri.backward(
             dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_ds, per_batch

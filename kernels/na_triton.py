@@ -42,9 +42,28 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
-def supported(q: Tensor) -> bool:
-    """Whether the Triton path handles this input (else the reference is used)."""
-    return q.shape[-1] <= _MAX_HEAD_DIM
+_I32 = 2**31 - 1
+
+
+def _slice_extent(t: Tensor) -> int:
+    """Largest element offset inside one batch element (excluding the batch stride)."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, kernel_size: tuple[int, ...]) -> bool:
+    """Whether the Triton path handles this input (else the reference is used): head dims up
+    to 256, and offsets inside one batch element (q/k/v/outputs, ``[N, K]`` bias slices) that
+    fit the kernels' 32-bit index arithmetic."""
+    if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
+        return False
+    n_tok_heads = q.numel() // (q.shape[0] * q.shape[-1])
+    if n_tok_heads * math.prod(kernel_size) >= _I32:  # attn_bias / dS slices [N, K] per head
+        return False
+    # fast path: small tensors (even as views of a 3x wider qkv buffer) fit trivially
+    if 4 * max(q.numel(), v.numel()) < _I32:
+        return True
+    extents = (_slice_extent(q), _slice_extent(k), _slice_extent(v), n_tok_heads * v.shape[-1])
+    return max(extents) < _I32
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -134,6 +153,20 @@ def _na_fwd_kernel(
     lg0 = (L0 - g0 + D0 - 1) // D0
     lg1 = (L1 - g1 + D1 - 1) // D1
     lg2 = (L2 - g2 + D2 - 1) // D2
+    NTOK = L0 * L1 * L2
+    # (batch, head) move the scalar base pointers in 64-bit; the per-element offsets inside
+    # one (batch, head) slice stay 32-bit (the host checks they fit), halving index math.
+    Q += b * sqb + h * sqh
+    Kp += b * skb + h * skh
+    V += b * svb + h * svh
+    Out += b * sob + h * soh
+    DO += b * sob + h * soh
+    DQ += b * sgb + h * sgh
+    LSE += b * NTOK * H + h
+    DELTA += b * NTOK * H + h
+    DLSE += b * NTOK * H + h
+    BIAS += b * sbb + h * sbh
+    DBIAS += b * sdb + h * sdh
 
     r = tl.arange(0, BLOCK_M)
     r0, r1, r2 = _decode3(r, TQ1, TQ2)
@@ -162,7 +195,7 @@ def _na_fwd_kernel(
 
     dq_ = tl.arange(0, DK)
     dv_ = tl.arange(0, DV)
-    q_off = b * sqb + qi0 * sq0 + qi1 * sq1 + qi2 * sq2 + h * sqh
+    q_off = qi0 * sq0 + qi1 * sq1 + qi2 * sq2
     q = tl.load(
         Q + q_off[:, None] + dq_[None, :] * sqd,
         mask=row_ok[:, None] & (dq_[None, :] < dk_real),
@@ -170,17 +203,16 @@ def _na_fwd_kernel(
     )
     qflat = (qi0 * L1 + qi1) * L2 + qi2
     KT = K0 * K1 * K2
-    NTOK = L0 * L1 * L2
     if HAS_BIAS:
-        bias_row = BIAS + b * sbb + h * sbh + qflat * KT
+        bias_row = BIAS + qflat * KT
     if HAS_RPB:
         rpb_h = RPB + h * srh
         T1 = 2 * K1 - 1
         T2 = 2 * K2 - 1
         # relative index (k' - q' + K - 1) per axis, row-major over the (2K-1) table
         rq = ((K0 - 1 - qp0) * T1 + (K1 - 1 - qp1)) * T2 + (K2 - 1 - qp2)
-    o_row = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
-    lse_off = ((b * NTOK + qflat) * H + h).to(tl.int64)
+    o_row = qi0 * so0 + qi1 * so1 + qi2 * so2
+    lse_off = qflat * H
 
     if BWD:
         lse2 = tl.load(LSE + lse_off, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -213,7 +245,7 @@ def _na_fwd_kernel(
                 ki0 = kp0 * D0 + g0
                 ki1 = kp1 * D1 + g1
                 ki2 = kp2 * D2 + g2
-                k_off = b * skb + ki0 * sk0 + ki1 * sk1 + ki2 * sk2 + h * skh
+                k_off = ki0 * sk0 + ki1 * sk1 + ki2 * sk2
                 kt = tl.load(
                     Kp + k_off[None, :] + dq_[:, None] * skd,
                     mask=in_map[None, :] & (dq_[:, None] < dk_real),
@@ -234,7 +266,7 @@ def _na_fwd_kernel(
                     rv = tl.load(rpb_h + (rq[:, None] + rk[None, :]), mask=mask, other=0.0)
                     s = s + rv.to(tl.float32) * 1.4426950408889634
                 s = tl.where(mask, s, float("-inf"))
-                v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
+                v_off = ki0 * sv0 + ki1 * sv1 + ki2 * sv2
                 vv = tl.load(
                     V + v_off[:, None] + dv_[None, :] * svd,
                     mask=in_map[:, None] & (dv_[None, :] < dv_real),
@@ -250,7 +282,7 @@ def _na_fwd_kernel(
                     if WRITE_DBIAS:
                         tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
                         tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
-                        dbias_row = DBIAS + b * sdb + h * sdh + qflat * KT
+                        dbias_row = DBIAS + qflat * KT
                         if ATOMIC_DBIAS:
                             tl.atomic_add(dbias_row[:, None] + tt2, ds, mask=mask, sem="relaxed")
                         else:
@@ -273,7 +305,7 @@ def _na_fwd_kernel(
 
     if BWD:
         dq_acc = dq_acc * (scale2 * 0.6931471805599453)
-        dq_off = b * sgb + qi0 * sg0 + qi1 * sg1 + qi2 * sg2 + h * sgh
+        dq_off = qi0 * sg0 + qi1 * sg1 + qi2 * sg2
         tl.store(
             DQ + dq_off[:, None] + dq_[None, :] * sgd,
             dq_acc.to(DQ.dtype.element_ty),
@@ -320,6 +352,17 @@ def _na_bwd_kv_kernel(
     lg0 = (L0 - g0 + D0 - 1) // D0
     lg1 = (L1 - g1 + D1 - 1) // D1
     lg2 = (L2 - g2 + D2 - 1) // D2
+    NTOK = L0 * L1 * L2
+    # 64-bit scalar bases per (batch, head), 32-bit offsets inside (see the forward kernel)
+    Q += b * sqb + h * sqh
+    Kp += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sob + h * soh
+    DK_ += b * sgb + h * sgh
+    DV_ += b * shb + h * shh
+    LSE += b * NTOK * H + h
+    DELTA += b * NTOK * H + h
+    BIAS += b * sbb + h * sbh
 
     c = tl.arange(0, BLOCK_N)
     c0, c1, c2 = _decode3(c, KT1, KT2)
@@ -332,13 +375,13 @@ def _na_bwd_kv_kernel(
     ki2 = kp2 * D2 + g2
     dq_ = tl.arange(0, DK)
     dv_ = tl.arange(0, DV)
-    k_off = b * skb + ki0 * sk0 + ki1 * sk1 + ki2 * sk2 + h * skh
+    k_off = ki0 * sk0 + ki1 * sk1 + ki2 * sk2
     kk = tl.load(
         Kp + k_off[:, None] + dq_[None, :] * skd,
         mask=key_ok[:, None] & (dq_[None, :] < dk_real),
         other=0.0,
     )
-    v_off = b * svb + ki0 * sv0 + ki1 * sv1 + ki2 * sv2 + h * svh
+    v_off = ki0 * sv0 + ki1 * sv1 + ki2 * sv2
     vv = tl.load(
         V + v_off[:, None] + dv_[None, :] * svd,
         mask=key_ok[:, None] & (dv_[None, :] < dv_real),
@@ -355,7 +398,6 @@ def _na_bwd_kv_kernel(
     hi1 = tl.minimum(t1 * KT1 + KT1 + K1 - 1, lg1)
     hi2 = tl.minimum(t2 * KT2 + KT2 + K2 - 1, lg2)
     KT = K0 * K1 * K2
-    NTOK = L0 * L1 * L2
     if HAS_RPB:
         rpb_h = RPB + h * srh
         T1 = 2 * K1 - 1
@@ -381,20 +423,20 @@ def _na_bwd_kv_kernel(
                 qi0 = qp0 * D0 + g0
                 qi1 = qp1 * D1 + g1
                 qi2 = qp2 * D2 + g2
-                q_off = b * sqb + qi0 * sq0 + qi1 * sq1 + qi2 * sq2 + h * sqh
+                q_off = qi0 * sq0 + qi1 * sq1 + qi2 * sq2
                 qt = tl.load(
                     Q + q_off[None, :] + dq_[:, None] * sqd,
                     mask=q_ok[None, :] & (dq_[:, None] < dk_real),
                     other=0.0,
                 )
-                o_off = b * sob + qi0 * so0 + qi1 * so1 + qi2 * so2 + h * soh
+                o_off = qi0 * so0 + qi1 * so1 + qi2 * so2
                 dot_ = tl.load(
                     DO + o_off[None, :] + dv_[:, None] * sod,
                     mask=q_ok[None, :] & (dv_[:, None] < dv_real),
                     other=0.0,
                 )
                 qflat = (qi0 * L1 + qi1) * L2 + qi2
-                lse_off = (b * NTOK + qflat) * H + h
+                lse_off = qflat * H
                 lse2 = tl.load(LSE + lse_off, mask=q_ok, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + lse_off, mask=q_ok, other=0.0)
                 if IEEE:
@@ -405,7 +447,7 @@ def _na_bwd_kv_kernel(
                 if HAS_BIAS:
                     tt = ((kp0[:, None] - st0[None, :]) * K1 + (kp1[:, None] - st1[None, :])) * K2
                     tt = tt + (kp2[:, None] - st2[None, :])
-                    bptr = BIAS + b * sbb + h * sbh + qflat[None, :] * KT + tt
+                    bptr = BIAS + qflat[None, :] * KT + tt
                     bv = tl.load(bptr, mask=mask, other=0.0)
                     st = st + bv.to(tl.float32) * 1.4426950408889634
                 if HAS_RPB:
@@ -426,13 +468,13 @@ def _na_bwd_kv_kernel(
                     dk_acc += tl.dot(dst.to(qt.dtype), tl.trans(qt))
 
     dk_acc = dk_acc * (scale2 * 0.6931471805599453)
-    dk_off = b * sgb + ki0 * sg0 + ki1 * sg1 + ki2 * sg2 + h * sgh
+    dk_off = ki0 * sg0 + ki1 * sg1 + ki2 * sg2
     tl.store(
         DK_ + dk_off[:, None] + dq_[None, :] * sgd,
         dk_acc.to(DK_.dtype.element_ty),
         mask=key_ok[:, None] & (dq_[None, :] < dk_real),
     )
-    dv_off = b * shb + ki0 * sh0 + ki1 * sh1 + ki2 * sh2 + h * shh
+    dv_off = ki0 * sh0 + ki1 * sh1 + ki2 * sh2
     tl.store(
         DV_ + dv_off[:, None] + dv_[None, :] * shd,
         dv_acc.to(DV_.dtype.element_ty),
