@@ -187,6 +187,21 @@ class HaloAttn(nn.Module):
         bias = self.pos_embed(q, self.block_size, self.block_stride)
         if self.scale_pos_embed:
             bias = bias * self.scale
+        if (
+            H <= self.block_size
+            and W <= self.block_size
+            and (H < self.win_size or W < self.win_size)
+        ):
+            out = self._single_block(q, k, v, bias)
+        else:
+            out = self._blocks(q, k, v, bias)
+        out = out[:, : H : self.block_stride, : W : self.block_stride]
+        out = out.reshape(B, out.shape[1], out.shape[2], self.dim_out_v).permute(0, 3, 1, 2)
+        return self.pool(out)
+
+    def _blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
+        """Halo attention over a map of one or more blocks: one ``na2d`` call."""
+        H, W = q.shape[1], q.shape[2]
         # Zero-border windows never depend on the map size, so a map smaller than the window is
         # zero-padded up to it (identical result) to satisfy the kernel's size check.
         ph, pw = max(0, self.win_size - H), max(0, self.win_size - W)
@@ -197,9 +212,33 @@ class HaloAttn(nn.Module):
             q, k, v, kernel_size=self.win_size, stride=self.block_size, attn_bias=bias,
             scale=self.scale, border="zero",
         )  # fmt: skip
-        out = out[:, : H : self.block_stride, : W : self.block_stride]
-        out = out.reshape(B, out.shape[1], out.shape[2], self.dim_out_v).permute(0, 3, 1, 2)
-        return self.pool(out)
+        return out[:, :H, :W]
+
+    def _single_block(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Halo attention when the whole map is one query block (deep stages).
+
+        The block's window is the map itself plus zero keys around it (slots ``halo ..
+        halo + H`` hold the map). Attention over the map runs on ``na2d`` (one window,
+        ``H x W`` queries, no padded queries); the zero keys add nothing to the weighted values
+        and only their logits (the relative logits alone) to the softmax normaliser, so the
+        result is the map-only attention scaled by ``sigmoid(lse_map - lse_zero_keys)``.
+        """
+        H, W = q.shape[1], q.shape[2]
+        h0 = self.halo_size
+        inner = bias[..., h0 : h0 + H, h0 : h0 + W]
+        out, lse = na2d(
+            q, k, v, kernel_size=(H, W), stride=(H, W), attn_bias=inner, scale=self.scale,
+            return_lse=True,
+        )  # fmt: skip
+        is_map = torch.zeros(self.win_size, self.win_size, dtype=torch.bool, device=q.device)
+        is_map[h0 : h0 + H, h0 : h0 + W] = True
+        lse_zero = torch.logsumexp(
+            bias.to(lse.dtype).masked_fill(is_map, float("-inf")), dim=(-2, -1)
+        )
+        gate = torch.sigmoid(lse - lse_zero.permute(0, 2, 3, 1))  # [B, H, W, heads]
+        return out * gate.unsqueeze(-1).to(out.dtype)
 
 
 # --------------------------------------------------------------------------------------------

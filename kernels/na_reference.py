@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._common import NAParams, window_tables
+from ._common import NAParams, axis_windows, window_tables
 
-__all__ = ["reference_backward", "reference_forward"]
+__all__ = ["AxisTiling", "WindowGroups", "reference_backward", "reference_forward", "window_groups"]
 
 # Elements of the largest per-chunk gathered tensor (B x chunk x K x heads x head_dim).
 _CHUNK_ELEMS = 1 << 23
@@ -54,17 +55,94 @@ def _chunk_logits(
     return s.masked_fill(~allowed[None, :, None, :], float("-inf"))
 
 
+class AxisTiling(NamedTuple):
+    """How one axis's shared windows lie in memory, when they form a regular tiling.
+
+    Queries of group ``u`` (``u < groups``) are the padded-axis positions
+    ``u * q_group_step + m * q_member_step`` (``m < members``); positions at or past the axis
+    length are padding (computed, then dropped). Group ``u``'s window is the key positions
+    ``k_start + u * k_group_step + t * k_member_step`` (``t < kernel``) of the key axis padded
+    with ``k_pad`` zeros on each side (``k_start`` already counts the left padding).
+    """
+
+    groups: int
+    members: int
+    q_group_step: int
+    q_member_step: int
+    q_pad: int
+    kernel: int
+    k_start: int
+    k_group_step: int
+    k_member_step: int
+    k_pad: tuple[int, int]
+
+
+class WindowGroups(NamedTuple):
+    """Queries that share one window: ``queries [U, G]``, ``keys [U, K]``, ``allowed [U, K]``,
+    and ``tiling`` (one :class:`AxisTiling` per axis) when the sharing is a strided tiling
+    of the map that views and strided copies can express, else None."""
+
+    queries: Tensor
+    keys: Tensor
+    allowed: Tensor
+    tiling: tuple[AxisTiling, ...] | None
+
+
+def _axis_tiling(L: int, k: int, s: int, d: int, causal: bool, zero: bool) -> AxisTiling | None:
+    """The tiling of one axis's windows, or None when they are not a strided tiling."""
+    key, _, allowed, _ = axis_windows(L, k, s, d, causal, zero)
+    if not bool(allowed.all()):
+        return None
+    rows = [tuple(r) for r in key.tolist()]
+    lead: dict[tuple, int] = {}
+    members: list[list[int]] = []
+    for i, r in enumerate(rows):
+        if r not in lead:
+            lead[r] = len(members)
+            members.append([])
+        members[lead[r]].append(i)
+    u, g = len(members), max(len(m) for m in members)
+    # group u holds u*G .. u*G+G-1 (blocks) or u, u+U, u+2U, ... (dilation groups); a short
+    # last block / short dilation groups are padded up to G at the end of the axis
+    runs = all(m == list(range(i * g, min(L, (i + 1) * g))) for i, m in enumerate(members))
+    strided = all(m == list(range(i, L, u)) for i, m in enumerate(members))
+    if runs:
+        q_gs, q_ms = g, 1
+    elif strided:
+        q_gs, q_ms = 1, u
+    else:
+        return None
+    win = [rows[m[0]] for m in members]
+    k_ms = win[0][1] - win[0][0] if k > 1 else 1
+    k_gs = win[1][0] - win[0][0] if u > 1 else 0
+    if any(
+        w != tuple(win[0][0] + i * k_gs + t * k_ms for t in range(k)) for i, w in enumerate(win)
+    ):
+        return None
+    lo = max(0, -min(w[0] for w in win))
+    hi = max(0, max(w[-1] for w in win) + 1 - L)
+    if (lo or hi) and not zero:
+        return None
+    return AxisTiling(u, g, q_gs, q_ms, u * g - L, k, win[0][0] + lo, k_gs, k_ms, (lo, hi))
+
+
 @functools.lru_cache(maxsize=128)
-def window_groups(
-    spatial: tuple[int, ...], p: NAParams, device: str
-) -> tuple[Tensor, Tensor, Tensor] | None:
+def window_groups(spatial: tuple[int, ...], p: NAParams, device: str) -> WindowGroups | None:
     """Queries that share one window, when they fall into equal groups that do.
 
     Non-overlapping windows (MaxViT block, EfficientViT, Swin-style), MaxViT's grid (each
-    dilation group is exactly one kernel) and HaloNet's blocks (stride groups) all do. Returns
-    ``(queries [U, G], keys [U, K], allowed [U, K])`` for ``U`` groups of ``G`` queries, or None
-    when windows are not shared (then every query gathers its own window).
+    dilation group is exactly one kernel) and HaloNet's blocks (stride groups) all do; these
+    also form a strided tiling (``tiling``), which :func:`reference_forward` runs on views and
+    strided copies. Returns None when windows are not shared (then every query gathers its
+    own window).
     """
+    tiles = [
+        _axis_tiling(L, p.kernel_size[a], p.stride[a], p.dilation[a], p.is_causal[a], p.zero_border)
+        for a, L in enumerate(spatial)
+    ]
+    tiling = tuple(tiles) if all(t is not None for t in tiles) else None
+    if tiling is not None and math.prod(t.members for t in tiling) < 2:
+        tiling = None
     # Built outside inference mode: cached tensors are reused by later autograd calls.
     with torch.inference_mode(False):
         key, _, allowed, _ = window_tables(spatial, p, device)
@@ -72,17 +150,117 @@ def window_groups(
         counts = torch.bincount(inverse)
         g = int(counts[0])
         if g < 2 or not bool((counts == g).all()):
-            return None
+            if tiling is None:
+                return None
+            empty = key.new_empty(0, 0)
+            return WindowGroups(empty, empty, allowed.new_empty(0, 0), tiling)
         queries = torch.argsort(inverse, stable=True).reshape(len(uniq), g)
         lead = queries[:, 0]
-        return queries, key[lead], allowed[lead]
+        return WindowGroups(queries, key[lead], allowed[lead], tiling)
+
+
+def _tile_view(t: Tensor, tiling: tuple[AxisTiling, ...], queries: bool, lead: int = 1) -> Tensor:
+    """Strided view ``[*lead, *mid, U_1..U_n, G_1..G_n (or K_1..K_n), last]`` of a
+    ``[*lead, *spatial (padded), *mid, last]`` tensor: every group's queries (or window keys)."""
+    n = len(tiling)
+    st = t.stride()
+    sp = st[lead : lead + n]
+    offset = t.storage_offset()
+    g_size, g_stride, m_size, m_stride = [], [], [], []
+    for a, ax in enumerate(tiling):
+        g_size.append(ax.groups)
+        if queries:
+            g_stride.append(ax.q_group_step * sp[a])
+            m_size.append(ax.members)
+            m_stride.append(ax.q_member_step * sp[a])
+        else:
+            offset += ax.k_start * sp[a]
+            g_stride.append(ax.k_group_step * sp[a])
+            m_size.append(ax.kernel)
+            m_stride.append(ax.k_member_step * sp[a])
+    lead_sz, lead_st = list(t.shape[:lead]), list(st[:lead])
+    mid_sz, mid_st = list(t.shape[lead + n : -1]), list(st[lead + n : -1])
+    size = lead_sz + mid_sz + g_size + m_size + [t.shape[-1]]
+    stride = lead_st + mid_st + g_stride + m_stride + [st[-1]]
+    return t.as_strided(size, stride, offset)
+
+
+def _pad_axes(t: Tensor, pads: list[tuple[int, int]], lead: int = 1) -> Tensor:
+    """Zero-pad the spatial axes ``lead .. lead + n`` of ``t`` (lo, hi per axis)."""
+    if not any(lo or hi for lo, hi in pads):
+        return t
+    trailing = t.dim() - lead - len(pads)
+    flat: list[int] = [0, 0] * trailing
+    for lo, hi in reversed(pads):
+        flat += [lo, hi]
+    return torch.nn.functional.pad(t, flat)
+
+
+# Elements of the largest logit block of the tiled path (the batch is split above it).
+_TILE_ELEMS = 1 << 25
+
+
+def _tiled_forward(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams, tiling: tuple
+) -> tuple[Tensor, Tensor]:
+    """Forward over a strided window tiling: one strided copy of q, k, v (and the bias view
+    added in place), batched matmuls and an in-place softmax, one strided copy back.
+    No index tensors, no gathers; the windows' keys are read once per group."""
+    n = len(tiling)
+    b, h, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    spatial = tuple(q.shape[1 : 1 + n])
+    ct = _compute_dtype(q.dtype)
+    ug = [ax.groups for ax in tiling]
+    gm = [ax.members for ax in tiling]
+    kw = [ax.kernel for ax in tiling]
+    u, g, kk = math.prod(ug), math.prod(gm), math.prod(kw)
+    qpads = [(0, ax.q_pad) for ax in tiling]
+    kpads = [ax.k_pad for ax in tiling]
+    q_t = _tile_view(_pad_axes(q, qpads), tiling, True)  # [B, h, U.., G.., d]
+    k_t = _tile_view(_pad_axes(k, kpads), tiling, False)  # [B, h, U.., K.., d]
+    v_t = _tile_view(_pad_axes(v, kpads), tiling, False)
+    b_t = None
+    if bias is not None:  # [B|1, h|1, N, K] -> view [B|1, h|1, U.., G.., K..], added in place
+        bb = _pad_axes(bias.reshape(*bias.shape[:2], *spatial, *kw, 1), qpads, lead=2)
+        b_t = _tile_view(bb, tiling, True, lead=2).squeeze(-1)  # [.., K.., U.., G..]
+        b_t = b_t.permute(0, 1, *range(2 + n, 2 + 3 * n), *range(2, 2 + n))
+    qpad_shape = [ax.groups * ax.members for ax in tiling]
+    out_p = torch.empty(b, *qpad_shape, h, dv, dtype=q.dtype, device=q.device)
+    lse_p = torch.empty(b, *qpad_shape, h, 1, dtype=torch.float32, device=q.device)
+    out_t = _tile_view(out_p, tiling, True)
+    lse_t = _tile_view(lse_p, tiling, True)
+    step = max(1, _TILE_ELEMS // max(1, h * u * g * kk))
+    for b0 in range(0, b, step):
+        b1 = min(b, b0 + step)
+        # the scale rides on the query copy (d per query instead of K)
+        qg = torch.empty(b1 - b0, h, *ug, *gm, dk, dtype=ct, device=q.device)
+        torch.mul(q_t[b0:b1], p.scale, out=qg)
+        kg = torch.empty(b1 - b0, h, *ug, *kw, dk, dtype=ct, device=q.device)
+        kg.copy_(k_t[b0:b1])
+        vg = torch.empty(b1 - b0, h, *ug, *kw, dv, dtype=ct, device=q.device)
+        vg.copy_(v_t[b0:b1])
+        qg, kg, vg = qg.view(-1, u, g, dk), kg.view(-1, u, kk, dk), vg.view(-1, u, kk, dv)
+        s = torch.matmul(qg, kg.transpose(-1, -2)).view(b1 - b0, h, u, g, kk)
+        if b_t is not None:
+            s.view(b1 - b0, h, *ug, *gm, *kw).add_(b_t if b_t.shape[0] == 1 else b_t[b0:b1])
+        m = s.amax(-1, keepdim=True)
+        s.sub_(m).exp_()
+        l_sum = s.sum(-1, keepdim=True)
+        o = torch.matmul(s.view(-1, u, g, kk), vg).view(b1 - b0, h, u, g, dv)
+        o.div_(l_sum)
+        out_t[b0:b1].copy_(o.view(b1 - b0, h, *ug, *gm, dv))
+        lse_t[b0:b1].copy_((m + l_sum.log()).view(b1 - b0, h, *ug, *gm, 1))
+    if any(ax.q_pad for ax in tiling):
+        crop = (slice(None), *(slice(0, L) for L in spatial))
+        out_p, lse_p = out_p[crop].contiguous(), lse_p[crop].contiguous()
+    return out_p, lse_p.squeeze(-1)
 
 
 def _grouped_forward(
     qf: Tensor, kf: Tensor, vf: Tensor, bias: Tensor | None, p: NAParams, groups: tuple
 ) -> tuple[Tensor, Tensor]:
     """Forward over shared windows: one key/value gather per group instead of per query."""
-    queries, keys, allowed = groups
+    queries, keys, allowed = groups[:3]
     (b, n, h, _), dv = qf.shape, vf.shape[-1]
     u, g = queries.shape
     kk = keys.shape[1]
@@ -111,6 +289,9 @@ def reference_forward(
     b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     ct = _compute_dtype(q.dtype)
     groups = window_groups(spatial, p._replace(scale=1.0), str(q.device))
+    if groups is not None and groups.tiling is not None:
+        out, lse = _tiled_forward(q, k, v, bias, p, groups.tiling)
+        return out, lse.float()
     if groups is not None:
         qf, kf, vf = (
             _flat(q, n_dims, ct),

@@ -172,6 +172,36 @@ def test_halo_layer_matches_timm(case: dict) -> None:
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("halo", [1, 3])
+def test_single_block_map_matches_timm(stride: int, halo: int) -> None:
+    # The deep stages' maps are one block (8x8, window 14): the zero-halo-key path there must
+    # equal timm's padded unfold, forward and backward (gradients reach the rel-pos tables
+    # through both the map keys and the zero keys' logits).
+    torch.manual_seed(6)
+    ref = TimmHaloAttn(16, 16, num_heads=2, block_size=8, halo_size=halo, stride=stride)
+    ours = Hn.HaloAttn(16, 16, num_heads=2, block_size=8, halo_size=halo, stride=stride)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    want, got = ref(x), ours(x2)
+    assert (got - want).abs().max().item() <= TOL
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    assert torch.allclose(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
+    ref_p = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        assert torch.allclose(p.grad, ref_p[n].grad, rtol=1e-4, atol=1e-5), n
+    # a map smaller than the block equals timm on the zero-padded map (no qkv bias)
+    x = torch.randn(1, 16, 6, 7)
+    with torch.no_grad():
+        got = ours(x)
+        want = ref(torch.nn.functional.pad(x, (0, 1, 0, 2)))
+    ho, wo = -(-6 // stride), -(-7 // stride)
+    assert (got - want[..., :ho, :wo]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 def test_halo_layer_on_maps_timm_rejects_equals_zero_padding(stride: int) -> None:
     # Without qkv bias a zero-padded input has zero keys/values there: exactly border="zero".
     torch.manual_seed(4)
