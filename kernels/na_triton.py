@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -592,6 +593,7 @@ class _Plan(NamedTuple):
     bwd_opts: dict
     ntok: int
     kt: int
+    metas: dict  # per kernel-flag combination: _Launcher meta (filled lazily)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -622,7 +624,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
             DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide),
         ),
         bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide)),
-        ntok=math.prod(L), kt=math.prod(K),
+        ntok=math.prod(L), kt=math.prod(K), metas={},
     )  # fmt: skip
 
 
@@ -637,6 +639,86 @@ def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
     if n == 2:  # the common case without the generic padding
         return (st[0], 0, st[1], st[2], st[3], st[4])
     return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
+
+
+class _Launcher:
+    """``kernel[grid](...)`` with less host time on repeated calls.
+
+    Triton's per-call path binds ~80 arguments, computes their specialisation key and looks
+    the binary up: ~50 us per launch measured on the lent H200's host, more than the GPU
+    time of a small windowed-attention call. The first launch of a signature goes through
+    Triton (compiling or finding the binary); later launches with the same signature call the
+    compiled binary's launcher directly. The signature is everything Triton specialises on or
+    bakes in: device, grid, the scalar arguments (values), the constexprs and options, and
+    each tensor argument's dtype and 16-byte alignment. Interpreted kernels always take the
+    normal path; ``VISIONATTN_NA_FAST_LAUNCH=0`` switches the shortcut off.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.runs: dict = {}
+        self.direct = type(fn).__name__ != "InterpretedFunction" and os.environ.get(
+            "VISIONATTN_NA_FAST_LAUNCH", "1"
+        ) not in ("0", "false", "False")
+
+    def __call__(self, grid: tuple, tensors: tuple, scalars: tuple, meta: tuple) -> None:
+        """``meta``: ``(constexpr dict, options dict, hashable key of both)``."""
+        consts, opts, meta_key = meta
+        if not self.direct:
+            self.fn[grid](*tensors, *scalars, **consts, **opts)
+            return
+        ptrs = 0
+        for t in tensors:
+            ptrs |= t.data_ptr()
+        aligned = (
+            True if ptrs & 15 == 0 else tuple(t.data_ptr() % 16 == 0 for t in tensors)
+        )  # fmt: skip
+        key = (
+            tensors[0].device.index, grid, scalars, meta_key, aligned,
+            tuple(t.dtype for t in tensors),
+        )  # fmt: skip
+        hit = self.runs.get(key)
+        if hit is not None:
+            run, cvals = hit
+            run(*tensors, *scalars, *cvals)
+            return
+        kernel = self.fn[grid](*tensors, *scalars, **consts, **opts)
+        if getattr(kernel, "__getitem__", None) is None:  # unknown Triton API: no shortcut
+            return
+        names = self.fn.arg_names[len(tensors) + len(scalars) :]
+        if set(names) != set(consts):
+            return
+        if len(self.runs) > 4096:  # many distinct signatures: start over rather than grow
+            self.runs.clear()
+        self.runs[key] = (kernel[(*grid, 1, 1)[:3]], tuple(consts[n] for n in names))
+
+
+def _meta(consts: dict) -> tuple:
+    """Split a launch dict into (constexprs, options, hashable key) for :class:`_Launcher`."""
+    opts = {k: consts.pop(k) for k in ("num_warps", "num_stages") if k in consts}
+    return consts, opts, (tuple(consts.items()), tuple(opts.items()))
+
+
+_fwd_launch = _Launcher(_na_fwd_kernel)
+_kv_launch = _Launcher(_na_bwd_kv_kernel)
+_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS")
+
+
+def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
+    """The launch meta of one flag combination (6 flags: forward/dq kernel, 2: dk/dv)."""
+    m = pl.metas.get(flags)
+    if m is None:
+        if len(flags) == 6:
+            d = dict(pl.bwd_opts if flags[3] else pl.fwd_meta, **dict(zip(_FWD_FLAGS, flags)))
+        else:
+            d = dict(pl.kv_meta, HAS_BIAS=flags[0], HAS_RPB=flags[1])
+        if flags[0] and flags[1]:
+            # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
+            # pipeliner stages both in shared memory, which overflowed H200's 227 KB with 3
+            # stages (bf16 and fp32, head 32); unpipelined is within limits
+            d["num_stages"] = 1
+        m = pl.metas[flags] = _meta(d)
+    return m
 
 
 def _bias_args(bias: Tensor | None, q: Tensor):
@@ -672,12 +754,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     bias_t, sbb, sbh = _bias_args(bias, q)
     rpb_t, srh = _rpb_args(rpb, q)
-    _na_fwd_kernel[pl.fwd_grid](
-        q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q,
-        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-        *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
-        pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None, HAS_DLSE=False,
-        BWD=False, WRITE_DBIAS=False, ATOMIC_DBIAS=False, **pl.fwd_meta,
+    _fwd_launch(
+        pl.fwd_grid,
+        (q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q),
+        (
+            *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+            *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
+            pl.dv, *pl.flags,
+        ),
+        _flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False)),
     )  # fmt: skip
     return out, lse
 
@@ -725,20 +810,28 @@ def backward(
     bias_t, sbb, sbh = _bias_args(bias, q)
     rpb_t, srh = _rpb_args(rpb, q)
     sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
-    _na_fwd_kernel[pl.fwd_grid](
-        q, k, v, out, lse, bias_t, rpb_t, dout, dlse if dlse is not None else lse, delta, dq,
-        ds if need_ds else q,
-        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-        *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
-        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None,
-        HAS_DLSE=dlse is not None, BWD=True, WRITE_DBIAS=need_ds, ATOMIC_DBIAS=atomic,
-        **pl.bwd_opts,
+    has_bias, has_rpb = bias is not None, rpb is not None
+    _fwd_launch(
+        pl.fwd_grid,
+        (
+            q, k, v, out, lse, bias_t, rpb_t, dout, dlse if dlse is not None else lse, delta, dq,
+            ds if need_ds else q,
+        ),
+        (
+            *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+            *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
+            pl.scale2, pl.dk, pl.dv, *pl.flags,
+        ),
+        _flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
     )  # fmt: skip
-    _na_bwd_kv_kernel[pl.kv_grid](
-        q, k, v, lse, bias_t, rpb_t, dout, delta, dkt, dvt,
-        *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-        *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, srh, *pl.geo, *pl.kv_sizes,
-        pl.scale2, pl.dk, pl.dv, *pl.flags, HAS_BIAS=bias is not None, HAS_RPB=rpb is not None,
-        **pl.kv_meta,
+    _kv_launch(
+        pl.kv_grid,
+        (q, k, v, lse, bias_t, rpb_t, dout, delta, dkt, dvt),
+        (
+            *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+            *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, srh, *pl.geo, *pl.kv_sizes,
+            pl.scale2, pl.dk, pl.dv, *pl.flags,
+        ),
+        _flag_meta(pl, (has_bias, has_rpb)),
     )  # fmt: skip
     return dq, dkt, dvt, ds
