@@ -170,29 +170,28 @@ class _RoutedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, indices, tiles, scale, need_lse):
-        out, lse = _fwd_impl(q, k, v, indices, tiles, scale, need_lse)
+        # the backend is chosen once, here; the backward reuses the choice
+        tri = _triton_module() if _use_triton(q) else None
+        if tri is not None:
+            out, lse = tri.routed_fwd(q, k, v, indices, tiles, scale, need_lse)
+        else:
+            out, lse = _fwd_impl(q, k, v, indices, tiles, scale, need_lse)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, indices, out, lse)
-        ctx.tiles = tiles
-        ctx.scale = scale
+        ctx.args = (tiles, scale, tri)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, indices, out, lse = ctx.saved_tensors
+        tiles, scale, tri = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _bwd_impl(dout, q, k, v, indices, out, lse, dlse, ctx.tiles, ctx.scale)
+        if tri is not None:
+            dq, dk, dv = tri.routed_bwd(dout, q, k, v, indices, out, lse, dlse, tiles, scale)
+        else:
+            dq, dk, dv = _bwd_impl(dout, q, k, v, indices, out, lse, dlse, tiles, scale)
         return dq, dk, dv, None, None, None, None
-
-
-def _eager_ok(q: torch.Tensor) -> bool:
-    """Plain tensors, no compile/export tracing and no dispatch mode: the direct path is safe."""
-    return (
-        type(q) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and _current_dispatch_mode() is None
-    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -309,6 +308,45 @@ def _check_inputs(
     return b, nheads, d, v.shape[4], indices.shape[-1]
 
 
+_CHECKED: dict = {}
+
+
+def _exact(x):
+    """``x`` as a memo key when it is None, an int or a tuple of ints (2.0 == 2 as dict keys,
+    yet only the int is valid); raises TypeError (no memo) otherwise."""
+    if x is None or type(x) is int:
+        return x
+    if type(x) is tuple and all(type(e) is int for e in x):
+        return x
+    raise TypeError
+
+
+def _check_all(q, k, v, indices, n_win, tile_size, kv_tile_size):
+    """Every shape/dtype/device check of :func:`routed_attention`; returns
+    ``(head_dim, (th, tw, kth, ktw), n_kv_tiles)``."""
+    b, nheads, d, _, topk = _check_inputs(q, k, v, indices)
+    th, tw, kth, ktw = routed_tiles(
+        (q.shape[1], q.shape[2]),
+        (k.shape[1], k.shape[2]),
+        n_win=n_win,
+        tile_size=tile_size,
+        kv_tile_size=kv_tile_size,
+    )
+    n_q_tiles = (q.shape[1] // th) * (q.shape[2] // tw)
+    n_kv_tiles = (k.shape[1] // kth) * (k.shape[2] // ktw)
+    shape = tuple(indices.shape)
+    if indices.dim() == 3:
+        shape = (shape[0], 1, *shape[1:])
+    if shape[0] != b or shape[1] not in (1, nheads) or shape[2] != n_q_tiles:
+        raise ValueError(
+            f"indices must be [B={b}, T={n_q_tiles}, topk] or [B={b}, heads={nheads}, "
+            f"T={n_q_tiles}, topk] for this tile grid, got shape {tuple(indices.shape)}"
+        )
+    if topk < 1:
+        raise ValueError("indices must list at least one kv tile per query tile (topk >= 1)")
+    return d, (th, tw, kth, ktw), n_kv_tiles
+
+
 def routed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,30 +386,30 @@ def routed_attention(
     Returns:
         ``out [B, Hq, Wq, heads, Dv]`` in q's dtype, and ``lse`` if ``return_lse``.
     """
-    b, nheads, d, _, topk = _check_inputs(q, k, v, indices)
-    th, tw, kth, ktw = routed_tiles(
-        (q.shape[1], q.shape[2]),
-        (k.shape[1], k.shape[2]),
-        n_win=n_win,
-        tile_size=tile_size,
-        kv_tile_size=kv_tile_size,
-    )
-    n_q_tiles = (q.shape[1] // th) * (q.shape[2] // tw)
-    n_kv_tiles = (k.shape[1] // kth) * (k.shape[2] // ktw)
-    if indices.dim() == 3:
-        indices = indices.unsqueeze(1)
-    if (
-        indices.shape[0] != b
-        or indices.shape[1] not in (1, nheads)
-        or indices.shape[2] != n_q_tiles
-    ):
-        raise ValueError(
-            f"indices must be [B={b}, T={n_q_tiles}, topk] or [B={b}, heads={nheads}, "
-            f"T={n_q_tiles}, topk] for this tile grid, got shape {tuple(indices.shape)}"
-        )
-    if topk < 1:
-        raise ValueError("indices must list at least one kv tile per query tile (topk >= 1)")
-    if check_indices and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:
+        # the checks below depend only on shapes, dtypes, devices and the grid arguments:
+        # a signature that passed once passes again (and small problems cannot afford them)
+        try:
+            key = (
+                q.shape, k.shape, v.shape, indices.shape, q.dtype, k.dtype, v.dtype,
+                indices.dtype, q.device, k.device, v.device, indices.device, _exact(n_win),
+                _exact(tile_size), _exact(kv_tile_size),
+            )  # fmt: skip
+            checked = _CHECKED.get(key)
+        except (AttributeError, TypeError):  # not tensors, or unhashable grid arguments
+            key = checked = None
+    else:
+        checked = None
+    if checked is None:
+        checked = _check_all(q, k, v, indices, n_win, tile_size, kv_tile_size)
+        if key is not None:
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED[key] = checked
+    d, tiles, n_kv_tiles = checked
+    if check_indices and not compiling:
         bad = ((indices < 0) | (indices >= n_kv_tiles)).any()
         if bool(bad):
             raise ValueError(
@@ -381,13 +419,13 @@ def routed_attention(
     if scale is None:
         scale = d**-0.5
     scale = float(scale)
-    need_lse = return_lse or (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    )
-    tiles = (th, tw, kth, ktw)
-    if not _eager_ok(q):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    need_lse = return_lse or grad
+    # the custom op (fake impls, autograd registration) while tracing, for tensor subclasses
+    # and under dispatch modes; the cheaper autograd.Function for plain eager calls
+    if compiling or type(q) is not torch.Tensor or _current_dispatch_mode() is not None:
         out, lse = _routed_fwd_op(q, k, v, indices, list(tiles), scale, need_lse)
-    elif need_lse and torch.is_grad_enabled():
+    elif grad:
         out, lse = _RoutedEager.apply(q, k, v, indices, tiles, scale, need_lse)
     else:  # inference: no autograd node at all
         out, lse = _fwd_impl(q, k, v, indices, tiles, scale, need_lse)

@@ -214,83 +214,16 @@ def _routed_fwd_kernel(
 
 
 @triton.jit
-def _routed_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    IDX,
-    OUT,
-    DOUT,
-    LSE,
-    DLSE,
-    DQ,
-    DELTA,
-    sqb,
-    sqh,
-    sqw,
-    sqn,
-    sqd,
-    sdqb,
-    sdqh,
-    sdqw,
-    sdqn,
-    sdqd,
-    skb,
-    skh,
-    skw,
-    skn,
-    skd,
-    svb,
-    svh,
-    svw,
-    svn,
-    svd,
-    sob,
-    soh,
-    sow,
-    son,
-    sod,
-    sdob,
-    sdoh,
-    sdow,
-    sdon,
-    sdod,
-    slb,
-    slh,
-    slw,
-    sln,
-    sib,
-    sih,
-    sit,
-    sik,
-    HEADS,
-    T,
-    NW,
-    TH,
-    TW,
-    KNW,
-    KTH,
-    KTW,
-    N_KV_TILES,
-    TOPK,
-    D,
-    DV,
-    qk_scale,
-    scale,
-    N_MBLK,
-    HAS_DLSE: tl.constexpr,
-    PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_NT: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = pid_bh % HEADS
+def _bwd_dq_part(
+    pid_t, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+    sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
+    T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_MBLK,
+    HAS_DLSE: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # dq of BLOCK_M query rows: the forward's key walk again, with P rebuilt from the lse
     n_keys = TOPK * KTH * KTW
     tile0, g, t, m_ok, y, x = _rows(pid_t, N_MBLK, T, TH, TW, NW, PACK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -299,7 +232,6 @@ def _routed_bwd_dq_kernel(
     dv_ok = offs_dv < DV
     md = m_ok[:, None] & d_ok[None, :]
     mdv = m_ok[:, None] & dv_ok[None, :]
-
     q = tl.load(
         Q + b * sqb + h * sqn + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
         mask=md,
@@ -324,7 +256,6 @@ def _routed_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
-    tl.store(DELTA + row, delta, mask=m_ok)
     lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
 
     idx_base = IDX + b * sib + h * sih
@@ -361,79 +292,18 @@ def _routed_bwd_dq_kernel(
 
 
 @triton.jit
-def _routed_bwd_dkv_kernel(
-    Q,
-    K,
-    V,
-    DOUT,
-    LSE,
-    DELTA,
-    DK,
-    DV_,
-    REF_OFF,
-    REF_TILE,
-    sqb,
-    sqh,
-    sqw,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skw,
-    skn,
-    skd,
-    svb,
-    svh,
-    svw,
-    svn,
-    svd,
-    sdob,
-    sdoh,
-    sdow,
-    sdon,
-    sdod,
-    slb,
-    slh,
-    slw,
-    sln,
-    sdkb,
-    sdkh,
-    sdkw,
-    sdkn,
-    sdkd,
-    sdvb,
-    sdvh,
-    sdvw,
-    sdvn,
-    sdvd,
-    HEADS,
-    IDX_HEADS,
-    NW,
-    TH,
-    TW,
-    KNW,
-    KTH,
-    KTW,
-    N_KV_TILES,
-    D,
-    DV,
-    qk_scale,
-    scale,
-    N_NBLK,
-    PACK: tl.constexpr,
-    BLOCK_MT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+def _bwd_dkv_part(
+    pid_t, pid_bh, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DK, DV_, REF_OFF, REF_TILE,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+    sib, sih, sit, sik, sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
+    IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_NBLK,
+    HAS_DLSE: tl.constexpr, BUILD_INDEX: tl.constexpr, PACK: tl.constexpr,
+    BLOCK_MT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     # keys: PACK whole kv tiles (PACK > 1) or the nblk-th BLOCK_N slice of one tile; rows:
     # PACK groups of BLOCK_MT rows, group g walking the query rows that list kv tile j0 + g
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = pid_bh % HEADS
     lq = TH * TW
     lk = KTH * KTW
     j0 = (pid_t // N_NBLK) * PACK
@@ -456,29 +326,58 @@ def _routed_bwd_dkv_kernel(
     kb = tl.load(k_ptrs, mask=nd, other=0.0)
     vb = tl.load(v_ptrs, mask=ndv, other=0.0)
 
-    # per row group: the query tiles listing kv tile j0 + g (with multiplicity), a flat run
     r = tl.arange(0, PACK * BLOCK_MT)
     gr = r // BLOCK_MT
-    jr = tl.minimum(j0 + gr, N_KV_TILES - 1)
-    ref = (b * IDX_HEADS + h % IDX_HEADS) * N_KV_TILES + jr
     g_ok = j0 + gr < N_KV_TILES
-    start = tl.load(REF_OFF + ref)
-    n_rows = tl.where(g_ok, (tl.load(REF_OFF + ref + 1) - start) * lq, 0)
+    if BUILD_INDEX:
+        # the query tiles listing each of this program's kv tiles (with multiplicity, in
+        # ascending order), found by one scan of this (batch, head)'s index list and written
+        # to this program's own bucket of the scratch: no separate index launch
+        n_e = T * TOPK
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < n_e
+        te = e // TOPK
+        je = tl.load(
+            IDX + b * sib + (h % IDX_HEADS) * sih + te * sit + (e % TOPK) * sik,
+            mask=e_ok,
+            other=0,
+        ).to(tl.int32)
+        je = tl.minimum(tl.maximum(je, 0), N_KV_TILES - 1)
+        ref_base = REF_TILE + pid_bh.to(tl.int64) * n_e
+        start = tl.zeros([PACK * BLOCK_MT], dtype=tl.int32)
+        count = tl.zeros([PACK * BLOCK_MT], dtype=tl.int32)
+        for gg in tl.static_range(PACK):
+            hit = (e_ok & (je == j0 + gg)).to(tl.int32)
+            before = tl.sum((e_ok & (je < j0 + gg)).to(tl.int32), 0)
+            tl.store(ref_base + before + tl.cumsum(hit, 0) - 1, te, mask=hit > 0)
+            start = tl.where(gr == gg, before, start)
+            count = tl.where(gr == gg, tl.sum(hit, 0), count)
+        tl.debug_barrier()  # the bucket is read back by other threads of this program
+        n_rows = tl.where(g_ok, count * lq, 0)
+    else:
+        jr = tl.minimum(j0 + gr, N_KV_TILES - 1)
+        ref = (b * IDX_HEADS + h % IDX_HEADS) * N_KV_TILES + jr
+        start = tl.load(REF_OFF + ref)
+        n_rows = tl.where(g_ok, (tl.load(REF_OFF + ref + 1) - start) * lq, 0)
+        ref_base = REF_TILE
     max_rows = tl.max(n_rows, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     q_base = Q + b * sqb + h * sqn
+    o_base = OUT + b * sob + h * son
     do_base = DOUT + b * sdob + h * sdon
     row_base = b * slb + h * sln
     same = gr[:, None] == gk[None, :]
     for m0 in range(0, max_rows, BLOCK_MT):
         offs_m = m0 + r % BLOCK_MT
         m_ok = offs_m < n_rows
-        t = tl.load(REF_TILE + start + offs_m // lq, mask=m_ok, other=0)
+        # .cg: read through L2, where this program's bucket writes are
+        t = tl.load(ref_base + start + offs_m // lq, mask=m_ok, other=0, cache_modifier=".cg")
         pix = offs_m % lq
         y = (t // NW) * TH + pix // TW
         x = (t % NW) * TW + pix % TW
+        mdv = m_ok[:, None] & dv_ok[None, :]
         q = tl.load(
             q_base + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
             mask=m_ok[:, None] & d_ok[None, :],
@@ -486,12 +385,20 @@ def _routed_bwd_dkv_kernel(
         )
         do = tl.load(
             do_base + y[:, None] * sdoh + x[:, None] * sdow + offs_dv[None, :] * sdod,
-            mask=m_ok[:, None] & dv_ok[None, :],
+            mask=mdv,
             other=0.0,
         )
+        o = tl.load(
+            o_base + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod,
+            mask=mdv,
+            other=0.0,
+        )
+        # delta = rowsum(dO * O) - dlse, recomputed here so dq and dK/dV share one launch
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         row = row_base + y * slh + x * slw
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
         lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
         s = _dot(q, tl.trans(kb), PREC, UPCAST) * qk_scale  # [M, N]
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(m_ok[:, None] & same, p, 0.0)
@@ -516,6 +423,52 @@ def _routed_bwd_dkv_kernel(
         dv.to(DV_.dtype.element_ty),
         mask=ndv,
     )
+
+
+@triton.jit
+def _routed_bwd_kernel(
+    Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ, DK, DV_, REF_OFF, REF_TILE,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+    sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
+    sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
+    HEADS, IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
+    qk_scale,  # scale * log2(e)
+    scale, N_MBLK, N_NBLK,
+    N_DKV,  # programs (per batch*head) of the dK/dV part; the dq part follows them
+    PID0,  # program offset: 0, or N_DKV when the dq part is launched on its own
+    HAS_DLSE: tl.constexpr, BUILD_INDEX: tl.constexpr,
+    PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr,
+    KPACK: tl.constexpr, BLOCK_MT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # One launch for the whole backward: programs [0, N_DKV) compute dK/dV of kv tiles (the
+    # longer ones, dispatched first), the rest dq of query rows.  Neither reads the other's
+    # results, so there is no ordering between them.
+    pid = tl.program_id(0) + PID0
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
+    if pid < N_DKV:
+        _bwd_dkv_part(
+            pid, pid_bh, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DK, DV_, REF_OFF, REF_TILE,
+            sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+            sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+            sib, sih, sit, sik, sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
+            IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale,
+            N_NBLK, HAS_DLSE, BUILD_INDEX, KPACK, BLOCK_MT, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_E,
+            PREC, UPCAST,
+        )  # fmt: skip
+    else:
+        _bwd_dq_part(
+            pid - N_DKV, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ,
+            sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+            sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+            sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
+            T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_MBLK,
+            HAS_DLSE, PACK, BLOCK_M, BLOCK_NT, BLOCK_D, BLOCK_DV, PREC, UPCAST,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -583,8 +536,18 @@ def _geometry(q, k, tiles):
 # dkv_rows: query rows per dK/dV step; warps: num_warps of all three kernels when their fixed
 # side (query rows, or keys for dK/dV) is > 32, small_warps when <= 32 (H200: 2 warps made the
 # 28x28 and 14x14 BiFormer stages 20-30% faster, 8 warps 2-3x slower).
+# fused_bwd: dq and dK/dV in one launch when their warp counts agree; index_in_kernel: the
+# longest per-(batch, head) index list (T * topk) whose inverted index the backward builds
+# inside its own launch (else a separate index launch).
 TUNE: dict[str, int] = dict(
-    fwd_rows=32, fwd_cols=128, dkv_keys=32, dkv_rows=64, warps=4, small_warps=2
+    fwd_rows=32,
+    fwd_cols=128,
+    dkv_keys=32,
+    dkv_rows=64,
+    warps=4,
+    small_warps=2,
+    fused_bwd=1,
+    index_in_kernel=4096,
 )
 
 
@@ -630,11 +593,13 @@ class _Launcher:
     """Launches a ``@triton.jit`` kernel with less host time than ``kernel[grid](...)``.
 
     The first launch for a given argument signature goes through Triton (which compiles or
-    finds the binary); later launches with the same non-tensor arguments, tensor dtypes and
-    16-byte alignments (everything Triton specialises on, and more) call that compiled binary
+    finds the binary); later launches with the same signature call that compiled binary
     directly, skipping Triton's per-call argument binding and cache-key construction (tens of
-    microseconds for these ~60-argument kernels).  Interpreted kernels always take the normal
-    path.  ``VISIONATTN_ROUTED_FAST_LAUNCH=0`` switches the shortcut off.
+    microseconds for these ~60-argument kernels).  The signature is either ``runs``, a dict
+    owned by a cached launch plan (whose key already fixes shapes, strides, dtypes, grid and
+    scalars) plus the device, when every pointer is 16-byte aligned; or else the full
+    (grid, warps, scalars, dtypes, alignments, device) tuple.  Interpreted kernels always take
+    the normal path.  ``VISIONATTN_ROUTED_FAST_LAUNCH=0`` switches the shortcut off.
     """
 
     def __init__(self, fn) -> None:
@@ -644,34 +609,95 @@ class _Launcher:
             "VISIONATTN_ROUTED_FAST_LAUNCH", "1"
         ) not in ("0", "false", "False")
 
-    def __call__(self, grid, tensors, scalars, num_warps: int, num_stages: int = 2) -> None:
+    def __call__(
+        self, grid, tensors, scalars, num_warps: int, num_stages: int = 2, runs=None
+    ) -> None:
         if not self.enabled:
             self.fn[grid](*tensors, *scalars, num_warps=num_warps, num_stages=num_stages)
             return
-        key = (
-            torch.cuda.current_device(),
-            grid,
-            num_warps,
-            num_stages,
-            scalars,
-            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
-        )
-        run = self.cache.get(key)
+        ptrs = 0
+        for t in tensors:
+            ptrs |= t.data_ptr()
+        if runs is not None and ptrs & 15 == 0:
+            key = torch.cuda.current_device()
+        else:
+            runs = self.cache
+            key = (
+                torch.cuda.current_device(),
+                grid,
+                num_warps,
+                num_stages,
+                scalars,
+                tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
+            )
+        run = runs.get(key)
         if run is not None:
             run(*tensors, *scalars)
             return
         kernel = self.fn[grid](*tensors, *scalars, num_warps=num_warps, num_stages=num_stages)
-        runner = getattr(kernel, "__getitem__", None)
-        if runner is not None:
-            if len(self.cache) > 4096:  # many distinct shapes: start over rather than grow
-                self.cache.clear()
-            self.cache[key] = kernel[(*grid, 1, 1)[:3]]
+        if getattr(kernel, "__getitem__", None) is not None:
+            if len(runs) > 4096:  # many distinct shapes: start over rather than grow
+                runs.clear()
+            runs[key] = kernel[(*grid, 1, 1)[:3]]
 
 
 _fwd_launch = _Launcher(_routed_fwd_kernel)
-_dq_launch = _Launcher(_routed_bwd_dq_kernel)
-_dkv_launch = _Launcher(_routed_bwd_dkv_kernel)
+_bwd_launch = _Launcher(_routed_bwd_kernel)
 _index_launch = _Launcher(_inverted_index_kernel)
+
+# Launch plans: everything a launch needs that depends only on shapes, strides, dtypes and
+# options (grid, block shapes, the scalar argument tuple), computed once per signature so a
+# repeated call does a dict lookup, its allocations and the launch.
+_PLANS: dict = {}
+
+
+def _plan_cache_put(key, plan):
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _idx_strides(idx: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """``(sib, sih, sit, sik, idx_heads)`` for ``[B, T, topk]`` or ``[B, hi, T, topk]``
+    indices (shared lists get head stride 0)."""
+    s = idx.stride()
+    if idx.dim() == 3:
+        return s[0], 0, s[1], s[2], 1
+    hi = idx.shape[1]
+    return s[0], (s[1] if hi > 1 else 0), s[2], s[3], hi
+
+
+def _contig_strides(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
+    th, tw, kth, ktw = tiles
+    b, hq, wq, heads, d = q.shape
+    dv = v.shape[-1]
+    sib, sih, sit, sik, _ = _idx_strides(idx)
+    nh, nw, knh, knw = _geometry(q, k, tiles)
+    t = nh * nw
+    topk = idx.shape[-1]
+    out_shape = (b, hq, wq, heads, dv)
+    lse_shape = (b, hq, wq, heads) if need_lse else (0,)
+    lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
+    pack, block_m, block_nt, n_mblk = _q_blocks(th * tw, topk * kth * ktw, d, dv)
+    scalars = (
+        *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
+        sib, sih, sit, sik,
+        heads, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
+        scale * _LOG2E, n_mblk,
+        need_lse, pack, block_m, block_nt, _next_pow2(d), _next_pow2(dv),
+        _prec(q.dtype), _upcast(q.dtype),
+    )  # fmt: skip
+    grid = (_cdiv(t, pack) * n_mblk, b * heads)
+    return (out_shape, lse_shape, grid, scalars, _warps(block_m), {})
 
 
 def routed_fwd(
@@ -685,34 +711,17 @@ def routed_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``out [B, Hq, Wq, heads, Dv]`` (q's dtype, contiguous), ``lse [B, Hq, Wq, heads]``
     (float32; an empty tensor, never written, when ``need_lse`` is False)."""
-    th, tw, kth, ktw = tiles
-    b, hq, wq, heads, d = q.shape
-    dv = v.shape[-1]
-    idx = _as4d(indices)
-    nh, nw, knh, knw = _geometry(q, k, tiles)
-    t = nh * nw
-    lq = th * tw
-    topk = idx.shape[3]
-    out = torch.empty((b, hq, wq, heads, dv), device=q.device, dtype=q.dtype)
-    lse_shape = (b, hq, wq, heads) if need_lse else (0,)
-    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    lse_strides = lse.stride() if need_lse else (0, 0, 0, 0)
-    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * kth * ktw, d, dv)
-    grid = (_cdiv(t, pack) * n_mblk, b * heads)
-    sih = idx.stride(1) if idx.shape[1] > 1 else 0
-    _fwd_launch(
-        grid,
-        (q, k, v, idx, out, lse),
-        (
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
-            idx.stride(0), sih, idx.stride(2), idx.stride(3),
-            heads, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
-            scale * _LOG2E, n_mblk,
-            need_lse, pack, block_m, block_nt, _next_pow2(d), _next_pow2(dv),
-            _prec(q.dtype), _upcast(q.dtype),
-        ),
-        _warps(block_m),
+    key = (
+        "f", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), indices.shape,
+        indices.stride(), q.dtype, indices.dtype, tiles, scale, need_lse, *TUNE.values(),
     )  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan_cache_put(key, _fwd_plan(q, k, v, indices, tiles, scale, need_lse))
+    out_shape, lse_shape, grid, scalars, warps, runs = plan
+    out = q.new_empty(out_shape)
+    lse = q.new_empty(lse_shape, dtype=torch.float32)
+    _fwd_launch(grid, (q, k, v, indices, out, lse), scalars, warps, runs=runs)
     return out, lse
 
 
@@ -725,7 +734,8 @@ def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, t
     so that the query tiles listing kv tile ``j`` of group ``g`` are
     ``tiles[offsets[g*n_kv_tiles + j] : offsets[g*n_kv_tiles + j + 1]]`` (duplicates kept, in
     ascending query-tile order).  One small kernel launch (a stable sort for index lists too
-    long to keep in registers); no host sync either way."""
+    long to keep in registers); no host sync either way.  The backward builds these lists
+    inside its own launch when they are short (``TUNE["index_in_kernel"]``)."""
     b, hi, t, topk = idx.shape
     if t * topk <= _INDEX_KERNEL_MAX:
         groups = b * hi
@@ -754,6 +764,45 @@ def _inverted_index_sorted(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Te
     return offsets, ref_tile
 
 
+def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
+    th, tw, kth, ktw = tiles
+    b, hq, wq, heads, d = q.shape
+    dv_dim = v.shape[-1]
+    sib, sih, sit, sik, idx_heads = _idx_strides(idx)
+    nh, nw, knh, knw = _geometry(q, k, tiles)
+    n_kv = knh * knw
+    lq, lk = th * tw, kth * ktw
+    t = nh * nw
+    topk = idx.shape[-1]
+    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim)
+    # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
+    kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
+    n_dq = _cdiv(t, pack) * n_mblk
+    n_dkv = _cdiv(n_kv, kpack) * n_nblk
+    build = t * topk <= TUNE["index_in_kernel"]
+    scalars = (
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *dout.stride(), *lse.stride(), sib, sih, sit, sik,
+        *_contig_strides(q.shape), *_contig_strides(k.shape), *_contig_strides(v.shape),
+        heads, idx_heads, t, nw, th, tw, knw, kth, ktw, n_kv, topk, d, dv_dim,
+        scale * _LOG2E, scale, n_mblk, n_nblk, n_dkv,
+    )  # fmt: skip
+    consts = (
+        dlse is not None, build, pack, block_m, block_nt, kpack, block_mt, block_n,
+        _next_pow2(d), _next_pow2(dv_dim), _next_pow2(t * topk, 1) if build else 1,
+        _prec(q.dtype), _upcast(q.dtype),
+    )  # fmt: skip
+    w_dq, w_dkv = _warps(block_m), _warps(block_n)
+    if TUNE["fused_bwd"] and w_dq == w_dkv:
+        launches = [((n_dkv + n_dq, b * heads), (*scalars, 0, *consts), w_dq, {})]
+    else:  # two launches of the same kernel, each with its own warp count
+        launches = [
+            ((n_dkv, b * heads), (*scalars, 0, *consts), w_dkv, {}),
+            ((n_dq, b * heads), (*scalars, n_dkv, *consts), w_dq, {}),
+        ]
+    return build, b * heads * t * topk, n_kv, launches
+
+
 def routed_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -767,52 +816,28 @@ def routed_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)``, contiguous, in the inputs' dtypes."""
-    th, tw, kth, ktw = tiles
-    b, hq, wq, heads, d = q.shape
-    dv_dim = v.shape[-1]
-    idx = _as4d(indices)
-    nh, nw, knh, knw = _geometry(q, k, tiles)
-    n_kv = knh * knw
-    lq, lk = th * tw, kth * ktw
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    delta = torch.empty_like(lse)
-    lse = lse if lse.stride() == delta.stride() else lse.contiguous()
-    if dlse is not None and dlse.stride() != delta.stride():
+    if dlse is not None and dlse.stride() != lse.stride():
         dlse = dlse.contiguous()
-    topk = idx.shape[3]
-    t = nh * nw
-    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim)
-    sih = idx.stride(1) if idx.shape[1] > 1 else 0
-    prec, upcast = _prec(q.dtype), _upcast(q.dtype)
-    bd, bdv = _next_pow2(d), _next_pow2(dv_dim)
-    _dq_launch(
-        (_cdiv(t, pack) * n_mblk, b * heads),
-        (q, k, v, idx, out, dout, lse, dlse if dlse is not None else lse, dq, delta),
-        (
-            *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
-            *lse.stride(),
-            idx.stride(0), sih, idx.stride(2), idx.stride(3),
-            heads, t, nw, th, tw, knw, kth, ktw, n_kv, topk, d, dv_dim,
-            scale * _LOG2E, scale, n_mblk,
-            dlse is not None, pack, block_m, block_nt, bd, bdv, prec, upcast,
-        ),
-        _warps(block_m),
+    key = (
+        "b", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), indices.shape,
+        indices.stride(), q.dtype, indices.dtype, tiles, scale, out.stride(), dout.stride(),
+        lse.stride(),
+        dlse is None, *TUNE.values(),
     )  # fmt: skip
-    offsets, ref_tile = _inverted_index(idx, n_kv)
-    # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
-    kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
-    _dkv_launch(
-        (_cdiv(n_kv, kpack) * n_nblk, b * heads),
-        (q, k, v, dout, lse, delta, dk, dv, offsets, ref_tile),
-        (
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-            *dk.stride(), *dv.stride(),
-            heads, idx.shape[1], nw, th, tw, knw, kth, ktw, n_kv, d, dv_dim,
-            scale * _LOG2E, scale, n_nblk,
-            kpack, block_mt, block_n, bd, bdv, prec, upcast,
-        ),
-        _warps(block_n),
-    )  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _bwd_plan(q, k, v, indices, tiles, scale, out, dout, lse, dlse)
+        plan = _plan_cache_put(key, plan)
+    build, n_scratch, n_kv, launches = plan
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
+    if build:  # per (batch, head) buckets, filled and read inside the launch
+        offsets = ref_tile = q.new_empty((n_scratch,), dtype=torch.int32)
+    else:
+        offsets, ref_tile = _inverted_index(_as4d(indices), n_kv)
+    tensors = (q, k, v, indices, out, dout, lse, lse if dlse is None else dlse, dq, dk, dv)
+    tensors = (*tensors, offsets, ref_tile)
+    for grid, scalars, warps, runs in launches:
+        _bwd_launch(grid, tensors, scalars, warps, runs=runs)
     return dq, dk, dv
