@@ -200,58 +200,147 @@ def _pad_axes(t: Tensor, pads: list[tuple[int, int]], lead: int = 1) -> Tensor:
 _TILE_ELEMS = 1 << 25
 
 
+class _TilePlan(NamedTuple):
+    """Per-tiling constants of :func:`_tiled_forward` (cached: the models repeat few)."""
+
+    ug: tuple[int, ...]  # groups per axis
+    gm: tuple[int, ...]  # queries per group per axis
+    kw: tuple[int, ...]  # window per axis
+    u: int
+    g: int
+    kk: int
+    qpads: list[tuple[int, int]]
+    kpads: list[tuple[int, int]]
+    any_qpad: bool
+    # windows are exactly their groups' queries (non-overlapping windows, dilation groups):
+    # q, k, v and the output are then plain reshape + permute views of the map
+    self_keys: bool
+    split: tuple[int, ...]  # each axis split into (groups, members) or (members, groups)
+    perm: tuple[int, ...]  # [B, split.., h, d] -> [B, h, U.., G.., d]
+    bias_perm: tuple[int, ...]  # [b, h, split.., K] -> [b, h, U.., G.., K]
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_plan(tiling: tuple[AxisTiling, ...]) -> _TilePlan:
+    n = len(tiling)
+    split, gdim, mdim = [], [], []
+    for a, ax in enumerate(tiling):
+        if ax.q_member_step == 1:  # blocks: index = group * G + member
+            split += [ax.groups, ax.members]
+            gdim.append(2 * a)
+            mdim.append(2 * a + 1)
+        else:  # dilation groups: index = member * U + group
+            split += [ax.members, ax.groups]
+            gdim.append(2 * a + 1)
+            mdim.append(2 * a)
+    perm = (0, 1 + 2 * n, *(1 + d for d in gdim), *(1 + d for d in mdim), 2 + 2 * n)
+    bias_perm = (0, 1, *(2 + d for d in gdim), *(2 + d for d in mdim), 2 + 2 * n)
+    self_keys = all(
+        ax.kernel == ax.members
+        and ax.q_pad == 0
+        and ax.k_pad == (0, 0)
+        and ax.k_start == 0
+        and (ax.groups == 1 or ax.k_group_step == ax.q_group_step)
+        and ax.k_member_step == ax.q_member_step
+        for ax in tiling
+    )
+    ug = tuple(ax.groups for ax in tiling)
+    gm = tuple(ax.members for ax in tiling)
+    kw = tuple(ax.kernel for ax in tiling)
+    qpads = [(0, ax.q_pad) for ax in tiling]
+    return _TilePlan(
+        ug, gm, kw, math.prod(ug), math.prod(gm), math.prod(kw), qpads,
+        [ax.k_pad for ax in tiling], any(ax.q_pad for ax in tiling), self_keys,
+        tuple(split), perm, bias_perm,
+    )  # fmt: skip
+
+
+def _split_view(t: Tensor, plan: _TilePlan) -> Tensor:
+    """``[B, *spatial, h, d]`` -> view ``[B, h, U.., G.., d]`` (self-key tilings)."""
+    return t.view(t.shape[0], *plan.split, *t.shape[-2:]).permute(plan.perm)
+
+
+def _tile_attend(
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    b_t: Tensor | None,
+    scale: float,
+    plan: _TilePlan,
+    ct: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Attention of ``[b, h, U.., G.., d]`` query views against ``[b, h, U.., K.., d]`` window
+    views: ``(out [b*h*U, G, dv] in ct, lse [b*h*U, G, 1])``."""
+    b, h = q_t.shape[0], q_t.shape[1]
+    nb, g, kk = b * h * plan.u, plan.g, plan.kk
+    # reshape copies only views a batched matmul cannot read (e.g. several windows)
+    qg = q_t.reshape(nb, g, q_t.shape[-1])
+    kg = k_t.reshape(nb, kk, k_t.shape[-1])
+    vg = v_t.reshape(nb, kk, v_t.shape[-1])
+    if qg.dtype != ct:
+        qg, kg, vg = qg.to(ct), kg.to(ct), vg.to(ct)
+    s = torch.bmm(qg, kg.transpose(1, 2))
+    if b_t is not None:  # s = bias + scale * s, in place (one pass)
+        s5 = s.view(b, h, *plan.ug, *plan.gm, kk)
+        torch.add(b_t, s5, alpha=scale, out=s5)
+    else:
+        s.mul_(scale)
+    # softmax in place (torch.logsumexp is a dozen small ops inside: slower here)
+    m = s.amax(-1, keepdim=True)
+    l_sum = s.sub_(m).exp_().sum(-1, keepdim=True)
+    o = torch.bmm(s, vg).div_(l_sum)
+    return o, m.add_(l_sum.log_())
+
+
 def _tiled_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams, tiling: tuple
 ) -> tuple[Tensor, Tensor]:
-    """Forward over a strided window tiling: one strided copy of q, k, v (and the bias view
-    added in place), batched matmuls and an in-place softmax, one strided copy back.
-    No index tensors, no gathers; the windows' keys are read once per group."""
+    """Forward over a strided window tiling: q, k, v as strided views of each group's queries
+    and window (copied only where a batched matmul cannot read the view), the bias view added
+    in place, an in-place softmax, one strided copy back. No index tensors, no gathers; the
+    windows' keys are read once per group."""
+    plan = _tile_plan(tiling)
     n = len(tiling)
-    b, h, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    spatial = tuple(q.shape[1 : 1 + n])
+    b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     ct = _compute_dtype(q.dtype)
-    ug = [ax.groups for ax in tiling]
-    gm = [ax.members for ax in tiling]
-    kw = [ax.kernel for ax in tiling]
-    u, g, kk = math.prod(ug), math.prod(gm), math.prod(kw)
-    qpads = [(0, ax.q_pad) for ax in tiling]
-    kpads = [ax.k_pad for ax in tiling]
-    q_t = _tile_view(_pad_axes(q, qpads), tiling, True)  # [B, h, U.., G.., d]
-    k_t = _tile_view(_pad_axes(k, kpads), tiling, False)  # [B, h, U.., K.., d]
-    v_t = _tile_view(_pad_axes(v, kpads), tiling, False)
+    ug, gm, u, g, kk = plan.ug, plan.gm, plan.u, plan.g, plan.kk
+    if plan.self_keys:
+        q_t, k_t, v_t = _split_view(q, plan), _split_view(k, plan), _split_view(v, plan)
+    else:
+        q_t = _tile_view(_pad_axes(q, plan.qpads), tiling, True)  # [B, h, U.., G.., d]
+        k_t = _tile_view(_pad_axes(k, plan.kpads), tiling, False)  # [B, h, U.., K.., d]
+        v_t = _tile_view(_pad_axes(v, plan.kpads), tiling, False)
     b_t = None
-    if bias is not None:  # [B|1, h|1, N, K] -> view [B|1, h|1, U.., G.., K..], added in place
-        bb = _pad_axes(bias.reshape(*bias.shape[:2], *spatial, *kw, 1), qpads, lead=2)
-        b_t = _tile_view(bb, tiling, True, lead=2).squeeze(-1)  # [.., K.., U.., G..]
-        b_t = b_t.permute(0, 1, *range(2 + n, 2 + 3 * n), *range(2, 2 + n))
+    if bias is not None:  # [B|1, h|1, N, K] -> view [B|1, h|1, U.., G.., K], added in place
+        if plan.any_qpad:
+            spatial = tuple(q.shape[1 : 1 + n])
+            bb = bias.reshape(*bias.shape[:2], *spatial, kk)
+            bb = _pad_axes(bb, plan.qpads, lead=2).view(*bias.shape[:2], *plan.split, kk)
+        else:
+            bb = bias.view(*bias.shape[:2], *plan.split, kk)
+        b_t = bb.permute(plan.bias_perm)
+    step = max(1, _TILE_ELEMS // max(1, h * u * g * kk))
+    if step >= b and u == 1 and h == 1 and not plan.any_qpad:
+        # one window over the whole map, one head: the matmul output is already the
+        # [B, *spatial, 1, dv] layout, no copy back
+        o, lse = _tile_attend(q_t, k_t, v_t, b_t, p.scale, plan, ct)
+        return o.to(q.dtype).view(*q.shape[:-1], dv), lse.view(q.shape[:-1])
     qpad_shape = [ax.groups * ax.members for ax in tiling]
     out_p = torch.empty(b, *qpad_shape, h, dv, dtype=q.dtype, device=q.device)
     lse_p = torch.empty(b, *qpad_shape, h, 1, dtype=torch.float32, device=q.device)
-    out_t = _tile_view(out_p, tiling, True)
-    lse_t = _tile_view(lse_p, tiling, True)
-    step = max(1, _TILE_ELEMS // max(1, h * u * g * kk))
+    if plan.self_keys:
+        out_t, lse_t = _split_view(out_p, plan), _split_view(lse_p, plan)
+    else:
+        out_t, lse_t = _tile_view(out_p, tiling, True), _tile_view(lse_p, tiling, True)
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
-        # the scale rides on the query copy (d per query instead of K)
-        qg = torch.empty(b1 - b0, h, *ug, *gm, dk, dtype=ct, device=q.device)
-        torch.mul(q_t[b0:b1], p.scale, out=qg)
-        kg = torch.empty(b1 - b0, h, *ug, *kw, dk, dtype=ct, device=q.device)
-        kg.copy_(k_t[b0:b1])
-        vg = torch.empty(b1 - b0, h, *ug, *kw, dv, dtype=ct, device=q.device)
-        vg.copy_(v_t[b0:b1])
-        qg, kg, vg = qg.view(-1, u, g, dk), kg.view(-1, u, kk, dk), vg.view(-1, u, kk, dv)
-        s = torch.matmul(qg, kg.transpose(-1, -2)).view(b1 - b0, h, u, g, kk)
-        if b_t is not None:
-            s.view(b1 - b0, h, *ug, *gm, *kw).add_(b_t if b_t.shape[0] == 1 else b_t[b0:b1])
-        m = s.amax(-1, keepdim=True)
-        s.sub_(m).exp_()
-        l_sum = s.sum(-1, keepdim=True)
-        o = torch.matmul(s.view(-1, u, g, kk), vg).view(b1 - b0, h, u, g, dv)
-        o.div_(l_sum)
-        out_t[b0:b1].copy_(o.view(b1 - b0, h, *ug, *gm, dv))
-        lse_t[b0:b1].copy_((m + l_sum.log()).view(b1 - b0, h, *ug, *gm, 1))
-    if any(ax.q_pad for ax in tiling):
-        crop = (slice(None), *(slice(0, L) for L in spatial))
+        sl = slice(b0, b1) if step < b else slice(None)
+        bt = b_t if b_t is None or b_t.shape[0] == 1 else b_t[sl]
+        o, lse = _tile_attend(q_t[sl], k_t[sl], v_t[sl], bt, p.scale, plan, ct)
+        out_t[sl].copy_(o.view(b1 - b0, h, *ug, *gm, dv))
+        lse_t[sl].copy_(lse.view(b1 - b0, h, *ug, *gm, 1))
+    if plan.any_qpad:
+        crop = (slice(None), *(slice(0, L) for L in q.shape[1 : 1 + n]))
         out_p, lse_p = out_p[crop].contiguous(), lse_p[crop].contiguous()
     return out_p, lse_p.squeeze(-1)
 
