@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -111,8 +112,23 @@ def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, attn_bias: Tensor | None, p: NAParams
 ) -> tuple[Tensor, Tensor]:
     if _use_triton(q, k, v, p):
-        return _tri.forward(q, k, v, rpb, _bias4(q, p, attn_bias), p)
+        try:
+            return _tri.forward(q, k, v, rpb, _bias4(q, p, attn_bias), p)
+        except _tri.OutOfResources as exc:
+            _warn_fallback(exc)
     return reference_forward(q, k, v, _combined_bias(q, p, rpb, attn_bias), p)
+
+
+def _warn_fallback(exc: Exception) -> None:
+    # A kernel variant that needs more shared memory than the GPU has (seen on H200 only for
+    # float32 with 128-wide heads and a gathered bias) raises before it launches, so nothing
+    # ran: the reference computes the same result, slower.
+    warnings.warn(
+        f"visionattn na: Triton kernel out of resources ({exc}); using the PyTorch reference "
+        "for this call",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _backward_impl(
@@ -138,12 +154,17 @@ def _backward_impl(
     """
     need_ds = need_drpb or need_dbias
     ab4 = _bias4(q, p, attn_bias)
-    if _use_triton(q, k, v, p):
+    tri_ok = _use_triton(q, k, v, p)
+    if tri_ok:
         per_batch = need_dbias and ab4.shape[0] != 1
-        dq, dk, dv, ds = _tri.backward(
-            dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_ds, per_batch
-        )  # fmt: skip
-    else:
+        try:
+            dq, dk, dv, ds = _tri.backward(
+                dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_ds, per_batch
+            )  # fmt: skip
+        except _tri.OutOfResources as exc:
+            _warn_fallback(exc)
+            tri_ok = False
+    if not tri_ok:
         bias = _combined_bias(q, p, rpb, attn_bias)
         dq, dk, dv, ds = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_ds)
     drpb = dbias = None

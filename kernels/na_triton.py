@@ -35,6 +35,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:  # raised when a compiled variant needs more shared memory / registers than the GPU has
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older/newer Triton layouts
+    OutOfResources = RuntimeError
+
 from ._common import NAParams, next_pow2
 
 __all__ = ["backward", "forward", "supported"]

@@ -547,3 +547,27 @@ def test_argument_cache_keeps_errors_and_eager_matches_custom_op() -> None:
     torch.testing.assert_close(lse, ref_lse.reshape(lse.shape))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+def test_triton_out_of_resources_falls_back_to_reference(monkeypatch) -> None:
+    na = pytest.importorskip("visionattn.kernels.na")
+    if na._tri is None:
+        pytest.skip("triton not installed")
+
+    def boom(*a, **k):
+        raise na._tri.OutOfResources(1 << 18, 1 << 17, "shared memory")
+
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 6, 7, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g, requires_grad=True)
+    ref = na2d(q, k, v, 3, rpb=rpb)
+    ref_g = torch.autograd.grad(ref.sum(), (q, k, v, rpb))
+    monkeypatch.setenv("VISIONATTN_NA_IMPL", "triton")
+    monkeypatch.setattr(na._tri, "forward", boom)
+    monkeypatch.setattr(na._tri, "backward", boom)
+    with pytest.warns(RuntimeWarning, match="out of resources"):
+        out = na2d(q, k, v, 3, rpb=rpb)
+        got_g = torch.autograd.grad(out.sum(), (q, k, v, rpb))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b)
