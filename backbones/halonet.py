@@ -176,42 +176,94 @@ class HaloAttn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         nh, dqk, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
-        # Strided queries: the kernel computes full-resolution queries and the even ones are
-        # kept, which equals timm's stride-2 1x1 query conv (block_size_ds = block_size / 2).
-        q = F.conv2d(x, self.q.weight, self.q.bias)
-        kv = self.kv(x)
-        # NCHW -> heads-last views; free when x is channels_last (the model runs that way on GPU).
-        q = q.permute(0, 2, 3, 1).view(B, H, W, nh, dqk)
-        kv = kv.permute(0, 2, 3, 1).view(B, H, W, nh, dqk + dv)
-        k, v = kv[..., :dqk], kv[..., dqk:]
-        bias = self.pos_embed(q, self.block_size, self.block_stride)
-        if self.scale_pos_embed:
-            bias = bias * self.scale
-        if (
-            H <= self.block_size
-            and W <= self.block_size
-            and (H < self.win_size or W < self.win_size)
-        ):
-            out = self._single_block(q, k, v, bias)
+        one_block = H <= self.block_size and W <= self.block_size
+        if self.block_stride == 2 and self.halo_size % 2 == 0 and not one_block:
+            out = self._strided(x)
         else:
-            out = self._blocks(q, k, v, bias)
-        out = out[:, : H : self.block_stride, : W : self.block_stride]
+            # Strided queries here: the kernel computes full-resolution queries and the even
+            # ones are kept, which equals timm's stride-2 1x1 query conv.
+            q = F.conv2d(x, self.q.weight, self.q.bias)
+            kv = self.kv(x)
+            # NCHW -> heads-last views; free when x is channels_last (the model runs that way
+            # on GPU).
+            q = q.permute(0, 2, 3, 1).view(B, H, W, nh, dqk)
+            kv = kv.permute(0, 2, 3, 1).view(B, H, W, nh, dqk + dv)
+            k, v = kv[..., :dqk], kv[..., dqk:]
+            bias = self.pos_embed(q, self.block_size, self.block_stride)
+            if self.scale_pos_embed:
+                bias = bias * self.scale
+            if one_block and (H < self.win_size or W < self.win_size):
+                out = self._single_block(q, k, v, bias)
+            else:
+                out = self._blocks(q, k, v, bias, self.win_size, self.block_size)
+            out = out[:, : H : self.block_stride, : W : self.block_stride]
         out = out.reshape(B, out.shape[1], out.shape[2], self.dim_out_v).permute(0, 3, 1, 2)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            # keep the network's layout: channels-last output in an NCHW network sends every
+            # following conv, norm and residual add through layout conversions
+            out = out.contiguous()
         return self.pool(out)
 
-    def _blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
-        """Halo attention over a map of one or more blocks: one ``na2d`` call."""
+    def _strided(self, x: torch.Tensor) -> torch.Tensor:
+        """Stride-2 queries (even positions, as timm's strided query conv), even halo.
+
+        The full-resolution keys split into four parity maps (even/odd rows x columns), each
+        the size of the query map. With an even halo, the keys of parity ``(py, px)`` in a
+        block's window are exactly an ``na2d`` zero-border window of ``win / 2`` keys with
+        stride ``block / 2`` on that parity map, window slot ``2 * t + p`` of the full window;
+        the four parity maps run as one batched ``na2d`` call and their partial softmaxes
+        merge by their log-sum-exps. Queries and logits are those of timm's layer (a quarter
+        of the full-resolution work), no query is computed and dropped.
+        """
+        B, _, H, W = x.shape
+        nh, dqk, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
+        hq, wq = -(-H // 2), -(-W // 2)
+        kp, bd = self.win_size // 2, self.block_size_ds
+        q = F.conv2d(x, self.q.weight, self.q.bias, stride=2)
+        q = q.permute(0, 2, 3, 1).view(B, hq, wq, nh, dqk)
+        kv = self.kv(x)
+        if H % 2 or W % 2:  # past the map the window holds zero keys
+            kv = F.pad(kv, (0, W % 2, 0, H % 2))
+        c = kv.shape[1]
+        # [4 parities x B, hq, wq, heads, dqk + dv]: one copy of the keys and values
+        kv = kv.view(B, c, hq, 2, wq, 2).permute(3, 5, 0, 2, 4, 1)
+        kv = kv.reshape(4 * B, hq, wq, nh, dqk + dv)
+        q4 = q.unsqueeze(0).expand(4, *q.shape).reshape(4 * B, hq, wq, nh, dqk)
+        bias = self.pos_embed(q, bd)
+        if self.scale_pos_embed:
+            bias = bias * self.scale
+        bias = bias.view(B, nh, hq, wq, kp, 2, kp, 2).permute(5, 7, 0, 1, 2, 3, 4, 6)
+        bias = bias.reshape(4 * B, nh, hq, wq, kp, kp)
+        out, lse = self._blocks(
+            q4, kv[..., :dqk], kv[..., dqk:], bias, kp, bd, return_lse=True
+        )  # fmt: skip
+        w = torch.softmax(lse.view(4, B, hq, wq, nh), dim=0).unsqueeze(-1)
+        return (out.view(4, B, hq, wq, nh, dv) * w.to(out.dtype)).sum(0)
+
+    def _blocks(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        kernel: int,
+        stride: int,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Zero-border halo windows over a map of one or more blocks: one ``na2d`` call."""
         H, W = q.shape[1], q.shape[2]
         # Zero-border windows never depend on the map size, so a map smaller than the window is
         # zero-padded up to it (identical result) to satisfy the kernel's size check.
-        ph, pw = max(0, self.win_size - H), max(0, self.win_size - W)
+        ph, pw = max(0, kernel - H), max(0, kernel - W)
         if ph or pw:
             q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pw, 0, ph)) for t in (q, k, v))
             bias = F.pad(bias, (0, 0, 0, 0, 0, pw, 0, ph))
         out = na2d(
-            q, k, v, kernel_size=self.win_size, stride=self.block_size, attn_bias=bias,
-            scale=self.scale, border="zero",
+            q, k, v, kernel_size=kernel, stride=stride, attn_bias=bias, scale=self.scale,
+            border="zero", return_lse=return_lse,
         )  # fmt: skip
+        if return_lse:
+            return out[0][:, :H, :W], out[1][:, :H, :W]
         return out[:, :H, :W]
 
     def _single_block(
