@@ -49,6 +49,38 @@ __all__ = [
 FAMILIES = ("focalnet",)
 
 
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` for channels-last ``[B, H, W, C]`` tokens.
+
+    CPU inference runs it as a 1x1 convolution over the channels-last NCHW view of the same
+    memory (same math, output again ``[B, H, W, C]``-contiguous): oneDNN's convolution scales
+    with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster),
+    and timm's conv-based FocalNet gets exactly that path.
+    """
+    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+        if x.is_contiguous():
+            w = layer.weight
+            y = F.conv2d(x.permute(0, 3, 1, 2), w.view(*w.shape, 1, 1), layer.bias)
+            return y.permute(0, 2, 3, 1)
+    return layer(x)
+
+
+def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``; in inference a GELU overwrites ``x`` (a fresh activation nobody else holds),
+    saving the allocation of the block's largest tensor."""
+    if isinstance(act, nn.GELU) and not torch.is_grad_enabled():
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
+
+
+class _Mlp(Mlp):
+    """timm's ``Mlp`` (same parameters) with :func:`_linear` projections."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(_act(self.act, _linear(x, self.fc1)))
+        return self.drop2(_linear(self.norm(x), self.fc2))
+
+
 class FocalModulation(nn.Module):
     """Focal modulation on ``[B, H, W, C]`` tokens.
 
@@ -93,22 +125,22 @@ class FocalModulation(nn.Module):
         C, L = self.dim, self.focal_level
         # one split (its backward is one concat, where three slices would each zero-fill and
         # copy a full-width gradient)
-        q, ctx, gates = self.f(x).split([C, C, L + 1], dim=-1)
+        q, ctx, gates = _linear(x, self.f).split([C, C, L + 1], dim=-1)
         # NCHW views of channels-last memory for the depthwise convs and the gating
         ctx = ctx.permute(0, 3, 1, 2)
         gates = gates.permute(0, 3, 1, 2)
         ctx_all = None
         for level, focal_layer in enumerate(self.focal_layers):
-            ctx = focal_layer(ctx)
+            ctx = _act(focal_layer[1], focal_layer[0](ctx))
             g = gates[:, level : level + 1]
             ctx_all = ctx * g if ctx_all is None else torch.addcmul(ctx_all, ctx, g)
         ctx_global = self.act(ctx.mean((2, 3), keepdim=True))
         ctx_all = torch.addcmul(ctx_all, ctx_global, gates[:, L:])
         if self.normalize_modulator:
             ctx_all = ctx_all / (L + 1)
-        modulator = self.h(ctx_all.permute(0, 2, 3, 1))
+        modulator = _linear(ctx_all.permute(0, 2, 3, 1), self.h)
         x = self.norm(q * modulator)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(_linear(x, self.proj))
 
 
 class FocalNetBlock(nn.Module):
@@ -143,7 +175,7 @@ class FocalNetBlock(nn.Module):
         self.ls1 = LayerScale(dim, layerscale_value) if layerscale_value is not None else None
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.Identity() if use_post_norm else norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.norm2_post = norm_layer(dim) if use_post_norm else nn.Identity()
         self.ls2 = LayerScale(dim, layerscale_value) if layerscale_value is not None else None
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
