@@ -11,11 +11,17 @@ block of ``BLOCK_N`` keys may span several small tiles (BiFormer's later stages 
 4x4 tiles; a block per tile would leave most of the tensor cores idle).  Each key's address
 comes from its slot's tile index; nothing is gathered into memory.  Online softmax in base 2.
 
-Backward: ``dq`` is a forward-shaped kernel that also produces
-``delta = rowsum(dO * O) - dlse``.  ``dk``/``dv`` use an inverted index (for every kv tile,
-the query tiles that list it, with multiplicity) built by a stable sort, so each kv block
-accumulates its gradient in registers and writes it once: no atomics, deterministic, and no
-float32 gradient buffers.
+Backward: a ``dq`` kernel (the forward's key walk again; it also stores
+``delta = rowsum(dO * O) - dlse``) and a ``dK/dV`` kernel whose programs each own kv tiles
+and walk the query rows that list them, through an inverted index (for every kv tile, the
+query tiles listing it, with multiplicity).  Short index lists are inverted by the dK/dV
+programs themselves (one scan of the list per program, into a scratch bucket of their own);
+long ones by a separate launch.  Each kv block accumulates its gradient in registers and
+writes it once: no atomics, deterministic, no float32 gradient buffers.
+
+Host: launch plans (grid, block shapes, the scalar argument tuple) are cached per signature
+and the compiled binaries launched directly (:class:`_Launcher`): small BiFormer stages are
+otherwise bound by the host, not the GPU.
 """
 
 from __future__ import annotations
@@ -214,16 +220,23 @@ def _routed_fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_part(
-    pid_t, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ,
+def _routed_bwd_dq_kernel(
+    Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ, DELTA,
     sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
     sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
     sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
-    T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_MBLK,
+    HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
+    qk_scale,  # scale * log2(e)
+    scale, N_MBLK,
     HAS_DLSE: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    # dq of BLOCK_M query rows: the forward's key walk again, with P rebuilt from the lse
+    # dq of BLOCK_M query rows: the forward's key walk again, with P rebuilt from the lse; it
+    # also stores delta = rowsum(dO * O) - dlse for the dK/dV kernel
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
     n_keys = TOPK * KTH * KTW
     tile0, g, t, m_ok, y, x = _rows(pid_t, N_MBLK, T, TH, TW, NW, PACK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -256,6 +269,7 @@ def _bwd_dq_part(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
+    tl.store(DELTA + row, delta, mask=m_ok)
     lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
 
     idx_base = IDX + b * sib + h * sih
@@ -292,18 +306,23 @@ def _bwd_dq_part(
 
 
 @triton.jit
-def _bwd_dkv_part(
-    pid_t, pid_bh, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DK, DV_, REF_OFF, REF_TILE,
+def _routed_bwd_dkv_kernel(
+    Q, K, V, IDX, DOUT, LSE, DELTA, DK, DV_, REF_OFF, REF_TILE,
     sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
+    sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
     sib, sih, sit, sik, sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
-    IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_NBLK,
-    HAS_DLSE: tl.constexpr, BUILD_INDEX: tl.constexpr, PACK: tl.constexpr,
+    HEADS, IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale,
+    N_NBLK,
+    BUILD_INDEX: tl.constexpr, PACK: tl.constexpr,
     BLOCK_MT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # keys: PACK whole kv tiles (PACK > 1) or the nblk-th BLOCK_N slice of one tile; rows:
     # PACK groups of BLOCK_MT rows, group g walking the query rows that list kv tile j0 + g
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
     lq = TH * TW
     lk = KTH * KTW
     j0 = (pid_t // N_NBLK) * PACK
@@ -365,7 +384,6 @@ def _bwd_dkv_part(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     q_base = Q + b * sqb + h * sqn
-    o_base = OUT + b * sob + h * son
     do_base = DOUT + b * sdob + h * sdon
     row_base = b * slb + h * sln
     same = gr[:, None] == gk[None, :]
@@ -388,16 +406,8 @@ def _bwd_dkv_part(
             mask=mdv,
             other=0.0,
         )
-        o = tl.load(
-            o_base + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod,
-            mask=mdv,
-            other=0.0,
-        )
-        # delta = rowsum(dO * O) - dlse, recomputed here so dq and dK/dV share one launch
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         row = row_base + y * slh + x * slw
-        if HAS_DLSE:
-            delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
         lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
         s = _dot(q, tl.trans(kb), PREC, UPCAST) * qk_scale  # [M, N]
         p = tl.exp2(s - lse2[:, None])
@@ -423,52 +433,6 @@ def _bwd_dkv_part(
         dv.to(DV_.dtype.element_ty),
         mask=ndv,
     )
-
-
-@triton.jit
-def _routed_bwd_kernel(
-    Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ, DK, DV_, REF_OFF, REF_TILE,
-    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
-    sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
-    sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
-    HEADS, IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
-    qk_scale,  # scale * log2(e)
-    scale, N_MBLK, N_NBLK,
-    N_DKV,  # programs (per batch*head) of the dK/dV part; the dq part follows them
-    PID0,  # program offset: 0, or N_DKV when the dq part is launched on its own
-    HAS_DLSE: tl.constexpr, BUILD_INDEX: tl.constexpr,
-    PACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr,
-    KPACK: tl.constexpr, BLOCK_MT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_E: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    # One launch for the whole backward: programs [0, N_DKV) compute dK/dV of kv tiles (the
-    # longer ones, dispatched first), the rest dq of query rows.  Neither reads the other's
-    # results, so there is no ordering between them.
-    pid = tl.program_id(0) + PID0
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = pid_bh % HEADS
-    if pid < N_DKV:
-        _bwd_dkv_part(
-            pid, pid_bh, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DK, DV_, REF_OFF, REF_TILE,
-            sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-            sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
-            sib, sih, sit, sik, sdkb, sdkh, sdkw, sdkn, sdkd, sdvb, sdvh, sdvw, sdvn, sdvd,
-            IDX_HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale,
-            N_NBLK, HAS_DLSE, BUILD_INDEX, KPACK, BLOCK_MT, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_E,
-            PREC, UPCAST,
-        )  # fmt: skip
-    else:
-        _bwd_dq_part(
-            pid - N_DKV, b, h, Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ,
-            sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-            sob, soh, sow, son, sod, sdob, sdoh, sdow, sdon, sdod, slb, slh, slw, sln,
-            sib, sih, sit, sik, sdqb, sdqh, sdqw, sdqn, sdqd,
-            T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, scale, N_MBLK,
-            HAS_DLSE, PACK, BLOCK_M, BLOCK_NT, BLOCK_D, BLOCK_DV, PREC, UPCAST,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -531,23 +495,24 @@ def _geometry(q, k, tiles):
 
 
 # Block-shape knobs (tuned on an H200; tests and benchmarks may override them).
-# fwd_rows: query rows per program when small tiles are packed; fwd_cols: keys per step
-# (all packed tiles together); dkv_keys: keys per dK/dV program when small kv tiles are packed;
-# dkv_rows: query rows per dK/dV step; warps: num_warps of all three kernels when their fixed
-# side (query rows, or keys for dK/dV) is > 32, small_warps when <= 32 (H200: 2 warps made the
-# 28x28 and 14x14 BiFormer stages 20-30% faster, 8 warps 2-3x slower).
-# fused_bwd: dq and dK/dV in one launch when their warp counts agree; index_in_kernel: the
-# longest per-(batch, head) index list (T * topk) whose inverted index the backward builds
-# inside its own launch (else a separate index launch).
+# fwd_rows / dq_rows: query rows per forward / dq program when small tiles are packed;
+# fwd_cols: keys per step (all packed tiles together); dkv_keys: keys per dK/dV program when
+# small kv tiles are packed; dkv_rows: query rows per dK/dV step; warps: num_warps of the
+# kernels when their fixed side (query rows, or keys for dK/dV) is > 32, small_warps when
+# <= 32 (H200: 2 warps made the 28x28 and 14x14 BiFormer stages 20-30% faster, 8 warps 2-3x
+# slower); index_in_kernel: the dK/dV programs build their own inverted index when
+# (index entries per (batch, head), rounded to a power of two) x (kv tiles per program) is at
+# most this, else a separate index launch does (H200: in-kernel saved a launch on the 28x28
+# stage, but cost 25% of the 14x14 stage's GPU time, where every program scans 8 times).
 TUNE: dict[str, int] = dict(
-    fwd_rows=32,
+    fwd_rows=16,
+    dq_rows=32,
     fwd_cols=128,
     dkv_keys=32,
     dkv_rows=64,
     warps=4,
     small_warps=2,
-    fused_bwd=1,
-    index_in_kernel=4096,
+    index_in_kernel=1024,
 )
 
 
@@ -559,12 +524,12 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
-def _q_blocks(lq: int, n_keys: int, d: int, dv: int) -> tuple[int, int, int, int]:
+def _q_blocks(lq: int, n_keys: int, d: int, dv: int, rows: int) -> tuple[int, int, int, int]:
     """``(pack, block_m, block_nt, n_mblk)`` for the forward and dq kernels: ``pack`` whole query
     tiles per program when tiles are small (each with its own ``block_nt`` keys per step, a
     block-diagonal score block), else one ``block_m`` slice of one tile."""
     cols = TUNE["fwd_cols"] if max(d, dv) <= 64 else TUNE["fwd_cols"] // 2
-    pack = max(1, _pow2_floor(TUNE["fwd_rows"] // lq)) if 2 * lq <= TUNE["fwd_rows"] else 1
+    pack = max(1, _pow2_floor(rows // lq)) if 2 * lq <= rows else 1
     if pack > 1:
         block_m = _next_pow2(pack * lq)
         block_nt = min(_next_pow2(n_keys, 1), max(1, cols // pack))
@@ -642,7 +607,8 @@ class _Launcher:
 
 
 _fwd_launch = _Launcher(_routed_fwd_kernel)
-_bwd_launch = _Launcher(_routed_bwd_kernel)
+_dq_launch = _Launcher(_routed_bwd_dq_kernel)
+_dkv_launch = _Launcher(_routed_bwd_dkv_kernel)
 _index_launch = _Launcher(_inverted_index_kernel)
 
 # Launch plans: everything a launch needs that depends only on shapes, strides, dtypes and
@@ -687,7 +653,7 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
     out_shape = (b, hq, wq, heads, dv)
     lse_shape = (b, hq, wq, heads) if need_lse else (0,)
     lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
-    pack, block_m, block_nt, n_mblk = _q_blocks(th * tw, topk * kth * ktw, d, dv)
+    pack, block_m, block_nt, n_mblk = _q_blocks(th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"])
     scalars = (
         *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
         sib, sih, sit, sik,
@@ -774,33 +740,29 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     lq, lk = th * tw, kth * ktw
     t = nh * nw
     topk = idx.shape[-1]
-    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim)
+    prec, upcast = _prec(q.dtype), _upcast(q.dtype)
+    bd, bdv = _next_pow2(d), _next_pow2(dv_dim)
+    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim, TUNE["dq_rows"])
+    dq_scalars = (
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
+        sib, sih, sit, sik, *_contig_strides(q.shape),
+        heads, t, nw, th, tw, knw, kth, ktw, n_kv, topk, d, dv_dim, scale * _LOG2E, scale,
+        n_mblk, dlse is not None, pack, block_m, block_nt, bd, bdv, prec, upcast,
+    )  # fmt: skip
+    dq = ((_cdiv(t, pack) * n_mblk, b * heads), dq_scalars, _warps(block_m), {})
     # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
     kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
-    n_dq = _cdiv(t, pack) * n_mblk
-    n_dkv = _cdiv(n_kv, kpack) * n_nblk
-    build = t * topk <= TUNE["index_in_kernel"]
-    scalars = (
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *dout.stride(), *lse.stride(), sib, sih, sit, sik,
-        *_contig_strides(q.shape), *_contig_strides(k.shape), *_contig_strides(v.shape),
+    block_e = _next_pow2(t * topk, 1)
+    build = block_e * kpack <= TUNE["index_in_kernel"]
+    dkv_scalars = (
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        sib, sih, sit, sik, *_contig_strides(k.shape), *_contig_strides(v.shape),
         heads, idx_heads, t, nw, th, tw, knw, kth, ktw, n_kv, topk, d, dv_dim,
-        scale * _LOG2E, scale, n_mblk, n_nblk, n_dkv,
+        scale * _LOG2E, scale, n_nblk,
+        build, kpack, block_mt, block_n, bd, bdv, block_e if build else 1, prec, upcast,
     )  # fmt: skip
-    consts = (
-        dlse is not None, build, pack, block_m, block_nt, kpack, block_mt, block_n,
-        _next_pow2(d), _next_pow2(dv_dim), _next_pow2(t * topk, 1) if build else 1,
-        _prec(q.dtype), _upcast(q.dtype),
-    )  # fmt: skip
-    w_dq, w_dkv = _warps(block_m), _warps(block_n)
-    if TUNE["fused_bwd"] and w_dq == w_dkv:
-        launches = [((n_dkv + n_dq, b * heads), (*scalars, 0, *consts), w_dq, {})]
-    else:  # two launches of the same kernel, each with its own warp count
-        launches = [
-            ((n_dkv, b * heads), (*scalars, 0, *consts), w_dkv, {}),
-            ((n_dq, b * heads), (*scalars, n_dkv, *consts), w_dq, {}),
-        ]
-    return build, b * heads * t * topk, n_kv, launches
+    dkv = ((_cdiv(n_kv, kpack) * n_nblk, b * heads), dkv_scalars, _warps(block_n), {})
+    return build, b * heads * t * topk, n_kv, dq, dkv
 
 
 def routed_bwd(
@@ -816,6 +778,9 @@ def routed_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)``, contiguous, in the inputs' dtypes."""
+    # lse, delta and dlse share one row indexing (lse comes contiguous from the forward)
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
     if dlse is not None and dlse.stride() != lse.stride():
         dlse = dlse.contiguous()
     key = (
@@ -828,16 +793,21 @@ def routed_bwd(
     if plan is None:
         plan = _bwd_plan(q, k, v, indices, tiles, scale, out, dout, lse, dlse)
         plan = _plan_cache_put(key, plan)
-    build, n_scratch, n_kv, launches = plan
+    build, n_scratch, n_kv, dq_launch, dkv_launch = plan
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
-    if build:  # per (batch, head) buckets, filled and read inside the launch
+    delta = lse.new_empty(lse.shape)  # contiguous, like lse (stride-checked above)
+    grid, scalars, warps, runs = dq_launch
+    dlse_t = lse if dlse is None else dlse
+    _dq_launch(
+        grid, (q, k, v, indices, out, dout, lse, dlse_t, dq, delta), scalars, warps, runs=runs
+    )
+    if build:  # per (batch, head) buckets, filled and read inside the dK/dV launch
         offsets = ref_tile = q.new_empty((n_scratch,), dtype=torch.int32)
     else:
         offsets, ref_tile = _inverted_index(_as4d(indices), n_kv)
-    tensors = (q, k, v, indices, out, dout, lse, lse if dlse is None else dlse, dq, dk, dv)
-    tensors = (*tensors, offsets, ref_tile)
-    for grid, scalars, warps, runs in launches:
-        _bwd_launch(grid, tensors, scalars, warps, runs=runs)
+    grid, scalars, warps, runs = dkv_launch
+    tensors = (q, k, v, indices, dout, lse, delta, dk, dv, offsets, ref_tile)
+    _dkv_launch(grid, tensors, scalars, warps, runs=runs)
     return dq, dk, dv

@@ -162,12 +162,12 @@ def test_interpreted_sweep(interp, shard):
     [
         dict(fwd_rows=64, fwd_cols=32, dkv_keys=64, dkv_rows=16),
         dict(fwd_rows=16, fwd_cols=256, dkv_keys=16, dkv_rows=128),
-        dict(fwd_rows=32, index_in_kernel=0, fused_bwd=0),
+        dict(fwd_rows=32, dq_rows=16, index_in_kernel=0),
     ],
 )
 def test_interpreted_other_packings(interp, monkeypatch, tune):
     """Other tile packings (more/fewer tiles per program, other key steps) give the same, and
-    so does the backward with a separate inverted-index launch and split dq / dK/dV launches."""
+    so does the backward with a separate inverted-index launch."""
     monkeypatch.setattr(interp, "TUNE", {**interp.TUNE, **tune})
     rng = random.Random(77 + tune["fwd_rows"])
     for i in range(12):
