@@ -512,7 +512,7 @@ TUNE: dict[str, int] = dict(
     dkv_rows=64,
     warps=4,
     small_warps=2,
-    index_in_kernel=1024,
+    index_in_kernel=512,
 )
 
 
