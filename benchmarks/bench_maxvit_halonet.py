@@ -113,6 +113,9 @@ def fidelity(name: str, res: int, device: torch.device) -> dict[str, Any]:
         per = sorted((e, n) for e, r, n in per if r > 1e-4 * big)  # ignore ~zero gradients
         out["fp32_grad_rel_err"] = (num / max(den, 1e-30)) ** 0.5
         out["fp32_grad_worst"] = [(n, e) for e, n in per[-3:]]
+        # pass: the whole gradient within 1e-3 and every non-negligible tensor within 1e-2
+        # (fp32 accumulation orders differ: atomics in the kernels, cuBLAS vs Triton dots)
+        out["fp32_grad_ok"] = out["fp32_grad_rel_err"] <= 1e-3 and (not per or per[-1][0] <= 1e-2)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return out
@@ -125,6 +128,8 @@ def _bench_infer(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[st
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             model(x)
 
+    step()  # first call: cuDNN autotuning's trial workspaces are not the model's footprint
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = _time(step, x.device, 3, iters)
     return dict(
@@ -145,6 +150,8 @@ def _bench_train(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[st
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step()  # as in _bench_infer: steady-state peak, without autotuning workspaces
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = _time(step, x.device, 3, iters)
     return dict(
@@ -271,7 +278,8 @@ def _run_one(
         f"x{entry['speedup_infer']:.2f} | train {r_ref['train_img_s']:7.0f} "
         f"{r_ours['train_img_s']:7.0f} x{entry['speedup_train']:.2f} | mem(train) "
         f"{r_ref['train_peak_gb']:5.1f} {r_ours['train_peak_gb']:5.1f} GB | "
-        f"fp32 diff {fid['fp32_max_abs']:.1e} grad rel {fid['fp32_grad_rel_err']:.1e}"
+        f"fp32 diff {fid['fp32_max_abs']:.1e} grad rel {fid['fp32_grad_rel_err']:.1e} "
+        f"{'ok' if fid['fp32_grad_ok'] else 'FAIL ' + str(fid['fp32_grad_worst'])}"
     )
     return row, entry
 
