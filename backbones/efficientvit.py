@@ -329,19 +329,22 @@ class CascadedGroupAttention(nn.Module):
         self._bias_cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _window_dw(self, dw: ConvNorm, q: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv on q ``[B, H, W, 1, C]``, zero-padded at every window border."""
-        B, H, W, _, C = q.shape
-        ws = self.resolution
-        nh, nw = H // ws, W // ws
-        if nh == 1 and nw == 1:
-            return dw(q.reshape(B, H, W, C)).view(B, H, W, 1, C)
-        qw = q.reshape(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws, ws, C)
-        y = dw(qw)
-        return y.reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, H, W, 1, C)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, H, W, C]``, ``H`` and ``W`` multiples of the window -> same shape."""
+        B, H, W, C = x.shape
+        ws = self.resolution
+        nh, nw = H // ws, W // ws
+        if nh * nw == 1:
+            return self._forward_map(x)
+        # Every op of the block is pointwise or stays inside a window (the q conv pads at
+        # window borders), so the windows move to the batch once, instead of each head's q
+        # conv and attention copying them out and back.
+        x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws, ws, C)
+        y = self._forward_map(x)
+        return y.view(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, H, W, C)
+
+    def _forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on ``[B, ws, ws, C]`` maps that are one window each."""
         B, H, W, C = x.shape
         ws = self.resolution
         bias = self._window_bias(H, W)
@@ -354,7 +357,7 @@ class CascadedGroupAttention(nn.Module):
                 feat = feats_in[i] + feat
             q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
             feat = na2d(
-                self._window_dw(dw, q),
+                dw(q.reshape(B, H, W, self.key_dim)).view(B, H, W, 1, self.key_dim),
                 k,
                 v,
                 kernel_size=ws,
