@@ -269,11 +269,14 @@ def main() -> None:
         "models": {},
     }
     profiles = {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"efficientvit_focalnet_{gpu_slug(gpu)}.json"
     for name in args.models:
         ref, ours = pair(name, dev)
         entry = {"agreement": agreement(name, ref, ours, dev)}
         entry["gpu"] = gpu_throughput(ref, ours, dev, args)
         results["models"][name] = entry
+        path.write_text(json.dumps(results, indent=2))  # after each model: a cut run keeps them
         print(name, json.dumps(entry), flush=True)
         if args.profile and name in ("efficientvit_m5", "focalnet_tiny_srf"):
             profiles[name] = {
@@ -282,8 +285,6 @@ def main() -> None:
             }
         del ref, ours
         torch.cuda.empty_cache()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"efficientvit_focalnet_{gpu_slug(gpu)}.json"
     path.write_text(json.dumps(results, indent=2))
     for name, prof in profiles.items():
         for impl, text in prof.items():
