@@ -38,6 +38,17 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def _head_blocks(d: int, dv: int) -> tuple[int, int]:
+    """Padded (power-of-two >= 16) q/k and v head dims, v at least as wide as q/k.
+
+    On H200 (Triton 3.6) half-precision kernels whose padded v head is narrower than the q/k
+    head gave wrong outputs (the NA kernels, and one routed sweep config: fp16, q/k 40, v 8),
+    while every dv >= dk case was right; the NA kernels' same work-around passed their sweeps.
+    """
+    bd = _next_pow2(d)
+    return bd, max(_next_pow2(dv), bd)
+
+
 def _next_pow2(x: int, minimum: int = 16) -> int:
     # plain integer arithmetic: triton.next_power_of_2 / triton.cdiv are jit-wrapped and cost
     # microseconds per call on the host, which these small problems cannot afford
@@ -659,7 +670,7 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         sib, sih, sit, sik,
         heads, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
         scale * _LOG2E, n_mblk,
-        need_lse, pack, block_m, block_nt, _next_pow2(d), _next_pow2(dv),
+        need_lse, pack, block_m, block_nt, *_head_blocks(d, dv),
         _prec(q.dtype), _upcast(q.dtype),
     )  # fmt: skip
     grid = (_cdiv(t, pack) * n_mblk, b * heads)
@@ -741,7 +752,7 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     t = nh * nw
     topk = idx.shape[-1]
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
-    bd, bdv = _next_pow2(d), _next_pow2(dv_dim)
+    bd, bdv = _head_blocks(d, dv_dim)
     pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim, TUNE["dq_rows"])
     dq_scalars = (
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
