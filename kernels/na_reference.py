@@ -292,6 +292,26 @@ def _tile_attend(
     return o, m.add_(l_sum.log_())
 
 
+def _one_window_forward(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, g: int, kk: int
+) -> tuple[Tensor, Tensor]:
+    """One head, one window covering the whole map (EfficientViT's per-head calls, any map
+    that is a single window): plain batched attention on views of the inputs, the bias and
+    scale fused into the first matmul, the output already in ``[B, *spatial, 1, dv]`` layout.
+    A few ops fewer than the general tiled path, which matters at these sizes."""
+    b = q.shape[0]
+    qg, kg, vg = q.reshape(b, g, q.shape[-1]), k.reshape(b, kk, k.shape[-1]), v.reshape(b, kk, -1)
+    if bias is None:
+        s = torch.bmm(qg, kg.transpose(1, 2)).mul_(scale)
+    else:  # [B|1, 1, N, K] broadcasts over the batch of the matmul
+        bias = bias.reshape(bias.shape[0], g, kk)
+        s = torch.baddbmm(bias.to(qg.dtype), qg, kg.transpose(1, 2), alpha=scale)
+    m = s.amax(-1, keepdim=True)
+    l_sum = s.sub_(m).exp_().sum(-1, keepdim=True)
+    o = torch.bmm(s, vg).div_(l_sum)
+    return o.view(*q.shape[:-1], vg.shape[-1]), m.add_(l_sum.log_()).view(q.shape[:-1])
+
+
 def _tiled_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: NAParams, tiling: tuple
 ) -> tuple[Tensor, Tensor]:
@@ -304,6 +324,8 @@ def _tiled_forward(
     b, h, dv = q.shape[0], q.shape[-2], v.shape[-1]
     ct = _compute_dtype(q.dtype)
     ug, gm, u, g, kk = plan.ug, plan.gm, plan.u, plan.g, plan.kk
+    if u == 1 and h == 1 and plan.self_keys and q.dtype == ct and b * g * kk <= _TILE_ELEMS:
+        return _one_window_forward(q, k, v, bias, p.scale, g, kk)
     if plan.self_keys:
         q_t, k_t, v_t = _split_view(q, plan), _split_view(k, plan), _split_view(v, plan)
     else:
@@ -380,7 +402,7 @@ def reference_forward(
     groups = window_groups(spatial, p._replace(scale=1.0), str(q.device))
     if groups is not None and groups.tiling is not None:
         out, lse = _tiled_forward(q, k, v, bias, p, groups.tiling)
-        return out, lse.float()
+        return out, (lse if lse.dtype == torch.float32 else lse.float())
     if groups is not None:
         qf, kf, vf = (
             _flat(q, n_dims, ct),
