@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -41,6 +40,7 @@ except ImportError:  # pragma: no cover - older/newer Triton layouts
     OutOfResources = RuntimeError
 
 from ._common import NAParams, next_pow2
+from ._launch import DirectLauncher
 
 __all__ = ["backward", "forward", "supported"]
 
@@ -598,7 +598,7 @@ class _Plan(NamedTuple):
     bwd_opts: dict
     ntok: int
     kt: int
-    metas: dict  # per kernel-flag combination: _Launcher meta (filled lazily)
+    metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -646,66 +646,14 @@ def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
     return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
 
 
-class _Launcher:
-    """``kernel[grid](...)`` with less host time on repeated calls.
-
-    Triton's per-call path binds ~80 arguments, computes their specialisation key and looks
-    the binary up: ~50 us per launch measured on the lent H200's host, more than the GPU
-    time of a small windowed-attention call. The first launch of a signature goes through
-    Triton (compiling or finding the binary); later launches with the same signature call the
-    compiled binary's launcher directly. The signature is everything Triton specialises on or
-    bakes in: device, grid, the scalar arguments (values), the constexprs and options, and
-    each tensor argument's dtype and 16-byte alignment. Interpreted kernels always take the
-    normal path; ``VISIONATTN_NA_FAST_LAUNCH=0`` switches the shortcut off.
-    """
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.runs: dict = {}
-        self.direct = type(fn).__name__ != "InterpretedFunction" and os.environ.get(
-            "VISIONATTN_NA_FAST_LAUNCH", "1"
-        ) not in ("0", "false", "False")
-
-    def __call__(self, grid: tuple, tensors: tuple, scalars: tuple, meta: tuple) -> None:
-        """``meta``: ``(constexpr dict, options dict, hashable key of both)``."""
-        consts, opts, meta_key = meta
-        if not self.direct:
-            self.fn[grid](*tensors, *scalars, **consts, **opts)
-            return
-        ptrs = 0
-        for t in tensors:
-            ptrs |= t.data_ptr()
-        aligned = (
-            True if ptrs & 15 == 0 else tuple(t.data_ptr() % 16 == 0 for t in tensors)
-        )  # fmt: skip
-        key = (
-            tensors[0].device.index, grid, scalars, meta_key, aligned,
-            tuple(t.dtype for t in tensors),
-        )  # fmt: skip
-        hit = self.runs.get(key)
-        if hit is not None:
-            run, cvals = hit
-            run(*tensors, *scalars, *cvals)
-            return
-        kernel = self.fn[grid](*tensors, *scalars, **consts, **opts)
-        if getattr(kernel, "__getitem__", None) is None:  # unknown Triton API: no shortcut
-            return
-        names = self.fn.arg_names[len(tensors) + len(scalars) :]
-        if set(names) != set(consts):
-            return
-        if len(self.runs) > 4096:  # many distinct signatures: start over rather than grow
-            self.runs.clear()
-        self.runs[key] = (kernel[(*grid, 1, 1)[:3]], tuple(consts[n] for n in names))
-
-
 def _meta(consts: dict) -> tuple:
-    """Split a launch dict into (constexprs, options, hashable key) for :class:`_Launcher`."""
+    """Split a launch dict into (constexprs, options, hashable key) for :class:`DirectLauncher`."""
     opts = {k: consts.pop(k) for k in ("num_warps", "num_stages") if k in consts}
     return consts, opts, (tuple(consts.items()), tuple(opts.items()))
 
 
-_fwd_launch = _Launcher(_na_fwd_kernel)
-_kv_launch = _Launcher(_na_bwd_kv_kernel)
+_fwd_launch = DirectLauncher(_na_fwd_kernel, "VISIONATTN_NA_FAST_LAUNCH")
+_kv_launch = DirectLauncher(_na_bwd_kv_kernel, "VISIONATTN_NA_FAST_LAUNCH")
 _FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS")
 
 
@@ -767,7 +715,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
             *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
             pl.dv, *pl.flags,
         ),
-        _flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False)),
+        *_flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False)),
     )  # fmt: skip
     return out, lse
 
@@ -827,7 +775,7 @@ def backward(
             *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
             pl.scale2, pl.dk, pl.dv, *pl.flags,
         ),
-        _flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
+        *_flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
     )  # fmt: skip
     _kv_launch(
         pl.kv_grid,
@@ -837,6 +785,6 @@ def backward(
             *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, srh, *pl.geo, *pl.kv_sizes,
             pl.scale2, pl.dk, pl.dv, *pl.flags,
         ),
-        _flag_meta(pl, (has_bias, has_rpb)),
+        *_flag_meta(pl, (has_bias, has_rpb)),
     )  # fmt: skip
     return dq, dkt, dvt, ds

@@ -20,17 +20,19 @@ long ones by a separate launch.  Each kv block accumulates its gradient in regis
 writes it once: no atomics, deterministic, no float32 gradient buffers.
 
 Host: launch plans (grid, block shapes, the scalar argument tuple) are cached per signature
-and the compiled binaries launched directly (:class:`_Launcher`): small BiFormer stages are
+and the compiled binaries launched directly (:class:`._launch.DirectLauncher`): small BiFormer stages are
 otherwise bound by the host, not the GPU.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import DirectLauncher
 
 __all__ = ["routed_bwd", "routed_fwd"]
 
@@ -565,62 +567,16 @@ def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]
     return 1, min(TUNE["dkv_rows"], _next_pow2(rows)), block_n, _cdiv(lk, block_n)
 
 
-class _Launcher:
-    """Launches a ``@triton.jit`` kernel with less host time than ``kernel[grid](...)``.
-
-    The first launch for a given argument signature goes through Triton (which compiles or
-    finds the binary); later launches with the same signature call that compiled binary
-    directly, skipping Triton's per-call argument binding and cache-key construction (tens of
-    microseconds for these ~60-argument kernels).  The signature is either ``runs``, a dict
-    owned by a cached launch plan (whose key already fixes shapes, strides, dtypes, grid and
-    scalars) plus the device, when every pointer is 16-byte aligned; or else the full
-    (grid, warps, scalars, dtypes, alignments, device) tuple.  Interpreted kernels always take
-    the normal path.  ``VISIONATTN_ROUTED_FAST_LAUNCH=0`` switches the shortcut off.
-    """
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.cache: dict = {}
-        self.enabled = type(fn).__name__ != "InterpretedFunction" and os.environ.get(
-            "VISIONATTN_ROUTED_FAST_LAUNCH", "1"
-        ) not in ("0", "false", "False")
-
-    def __call__(
-        self, grid, tensors, scalars, num_warps: int, num_stages: int = 2, runs=None
-    ) -> None:
-        if not self.enabled:
-            self.fn[grid](*tensors, *scalars, num_warps=num_warps, num_stages=num_stages)
-            return
-        ptrs = 0
-        for t in tensors:
-            ptrs |= t.data_ptr()
-        if runs is not None and ptrs & 15 == 0:
-            key = torch.cuda.current_device()
-        else:
-            runs = self.cache
-            key = (
-                torch.cuda.current_device(),
-                grid,
-                num_warps,
-                num_stages,
-                scalars,
-                tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
-            )
-        run = runs.get(key)
-        if run is not None:
-            run(*tensors, *scalars)
-            return
-        kernel = self.fn[grid](*tensors, *scalars, num_warps=num_warps, num_stages=num_stages)
-        if getattr(kernel, "__getitem__", None) is not None:
-            if len(runs) > 4096:  # many distinct shapes: start over rather than grow
-                runs.clear()
-            runs[key] = kernel[(*grid, 1, 1)[:3]]
+@functools.cache
+def _warps_kw(num_warps: int) -> dict:
+    """Launch options (and their hashable key) of a :class:`DirectLauncher` call."""
+    return dict(opts=dict(num_warps=num_warps, num_stages=2), meta_key=(num_warps, 2))
 
 
-_fwd_launch = _Launcher(_routed_fwd_kernel)
-_dq_launch = _Launcher(_routed_bwd_dq_kernel)
-_dkv_launch = _Launcher(_routed_bwd_dkv_kernel)
-_index_launch = _Launcher(_inverted_index_kernel)
+_fwd_launch = DirectLauncher(_routed_fwd_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
+_dq_launch = DirectLauncher(_routed_bwd_dq_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
+_dkv_launch = DirectLauncher(_routed_bwd_dkv_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
+_index_launch = DirectLauncher(_inverted_index_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 
 # Launch plans: everything a launch needs that depends only on shapes, strides, dtypes and
 # options (grid, block shapes, the scalar argument tuple), computed once per signature so a
@@ -698,7 +654,7 @@ def routed_fwd(
     out_shape, lse_shape, grid, scalars, warps, runs = plan
     out = q.new_empty(out_shape)
     lse = q.new_empty(lse_shape, dtype=torch.float32)
-    _fwd_launch(grid, (q, k, v, indices, out, lse), scalars, warps, runs=runs)
+    _fwd_launch(grid, (q, k, v, indices, out, lse), scalars, **_warps_kw(warps), runs=runs)
     return out, lse
 
 
@@ -722,7 +678,7 @@ def _inverted_index(idx: torch.Tensor, n_kv_tiles: int) -> tuple[torch.Tensor, t
             (groups * n_kv_tiles,),
             (idx, offsets, ref_tile),
             (*idx.stride(), hi, t, topk, n_kv_tiles, groups, _next_pow2(t * topk, 1)),
-            4,
+            **_warps_kw(4),
         )
         return offsets, ref_tile
     return _inverted_index_sorted(idx, n_kv_tiles)
@@ -812,7 +768,11 @@ def routed_bwd(
     grid, scalars, warps, runs = dq_launch
     dlse_t = lse if dlse is None else dlse
     _dq_launch(
-        grid, (q, k, v, indices, out, dout, lse, dlse_t, dq, delta), scalars, warps, runs=runs
+        grid,
+        (q, k, v, indices, out, dout, lse, dlse_t, dq, delta),
+        scalars,
+        **_warps_kw(warps),
+        runs=runs,
     )
     if build:  # per (batch, head) buckets, filled and read inside the dK/dV launch
         offsets = ref_tile = q.new_empty((n_scratch,), dtype=torch.int32)
@@ -820,5 +780,5 @@ def routed_bwd(
         offsets, ref_tile = _inverted_index(_as4d(indices), n_kv)
     grid, scalars, warps, runs = dkv_launch
     tensors = (q, k, v, indices, dout, lse, delta, dk, dv, offsets, ref_tile)
-    _dkv_launch(grid, tensors, scalars, warps, runs=runs)
+    _dkv_launch(grid, tensors, scalars, **_warps_kw(warps), runs=runs)
     return dq, dk, dv
