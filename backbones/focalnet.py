@@ -55,10 +55,11 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     CPU inference runs it as a 1x1 convolution over the channels-last NCHW view of the same
     memory (same math, output again ``[B, H, W, C]``-contiguous): oneDNN's convolution scales
     with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster),
-    and timm's conv-based FocalNet gets exactly that path.
+    and timm's conv-based FocalNet gets exactly that path. One thread keeps ``F.linear``.
     """
     if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
-        if x.is_contiguous():
+        # single-threaded, PyTorch runs a 1x1 conv on its native (slower) path instead
+        if x.is_contiguous() and torch.get_num_threads() > 1:
             w = layer.weight
             y = F.conv2d(x.permute(0, 3, 1, 2), w.view(*w.shape, 1, 1), layer.bias)
             return y.permute(0, 2, 3, 1)

@@ -64,6 +64,7 @@ from torch import nn
 
 from visionattn.backbones._convert import build_converted
 from visionattn.kernels import na2d
+from visionattn.kernels._common import NAParams, window_tables
 
 __all__ = [
     "FAMILIES",
@@ -84,9 +85,11 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     CPU inference runs it as a 1x1 convolution over the channels-last NCHW view of the same
     memory (same math, output again ``[B, H, W, C]``-contiguous): oneDNN's convolution scales
     with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster).
+    One thread keeps ``F.linear``.
     """
     if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
-        if x.is_contiguous():
+        # single-threaded, PyTorch runs a 1x1 conv on its native (slower) path instead
+        if x.is_contiguous() and torch.get_num_threads() > 1:
             w = layer.weight
             y = F.conv2d(x.permute(0, 3, 1, 2), w.view(*w.shape, 1, 1), layer.bias)
             return y.permute(0, 2, 3, 1)
@@ -352,6 +355,25 @@ class PartitionAttn(nn.Module):
         self.rel_pos = RelPosBiasTable(self.partition_size, self.num_heads)
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _cpu_bias(
+        self, H: int, W: int, stride: tuple[int, int], dilation: tuple[int, int]
+    ) -> torch.Tensor:
+        """``rpb`` as na2d's ``attn_bias`` ``[1, heads, H, W, ph, pw]`` (same values)."""
+        t = self.rel_pos.relative_position_bias_table
+        key = (H, W, t._version, t.data_ptr(), t.dtype)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            ph, pw = self.partition_size
+            p = NAParams((ph, pw), stride, dilation, (False, False), False, 1.0)
+            rel = window_tables((H, W), p)[3]  # [N, K] index into the flattened table
+            bias = t.detach().reshape(self.num_heads, -1)[:, rel].view(1, -1, H, W, ph, pw)
+            self._bias_cache = (key, bias)
+        return self._bias_cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._bias_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -365,9 +387,16 @@ class PartitionAttn(nn.Module):
         ph, pw = self.partition_size
         rpb = self.rel_pos.relative_position_bias_table
         if self.partition_block:
-            x = na2d(q, k, v, kernel_size=(ph, pw), stride=(ph, pw), rpb=rpb)
+            stride, dilation = (ph, pw), (1, 1)
         else:
-            x = na2d(q, k, v, kernel_size=(ph, pw), dilation=(H // ph, W // pw), rpb=rpb)
+            stride, dilation = (1, 1), (H // ph, W // pw)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference: the table gathered into na2d's per-query bias once (cached while
+            # the table is unchanged), not on every call
+            bias = self._cpu_bias(H, W, stride, dilation)
+            x = na2d(q, k, v, (ph, pw), stride, dilation, attn_bias=bias)
+        else:
+            x = na2d(q, k, v, (ph, pw), stride, dilation, rpb=rpb)
         x = _linear(x.reshape(B, H, W, C), self.proj)
         return self.proj_drop(x)
 
