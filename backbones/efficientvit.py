@@ -103,8 +103,9 @@ class ConvNorm(nn.Module):
         if self.pointwise and not nchw_in:
             # any leading dims; w is [out, in] (folded) or the conv's [out, in, 1, 1]
             w = w if w.dim() == 2 else w.flatten(1)
-            cpu_conv = x.device.type == "cpu" and torch.get_num_threads() > 1
-            if cpu_conv and not torch.is_grad_enabled() and x.is_contiguous():
+            cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+            cpu = cpu and not torch.is_grad_enabled() and x.is_contiguous()
+            if cpu and torch.get_num_threads() > 1:
                 # CPU inference: a 1x1 oneDNN conv over a channels-last view of the same
                 # memory (same math); it scales with threads where the BLAS GEMM behind
                 # F.linear barely does (single-threaded, PyTorch would run the conv on its

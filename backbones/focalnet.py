@@ -57,7 +57,8 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster),
     and timm's conv-based FocalNet gets exactly that path. One thread keeps ``F.linear``.
     """
-    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+    eager = not torch.compiler.is_compiling()
+    if eager and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
         # single-threaded, PyTorch runs a 1x1 conv on its native (slower) path instead
         if x.is_contiguous() and torch.get_num_threads() > 1:
             w = layer.weight

@@ -87,7 +87,8 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster).
     One thread keeps ``F.linear``.
     """
-    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+    eager = not torch.compiler.is_compiling()
+    if eager and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
         # single-threaded, PyTorch runs a 1x1 conv on its native (slower) path instead
         if x.is_contiguous() and torch.get_num_threads() > 1:
             w = layer.weight
@@ -390,7 +391,8 @@ class PartitionAttn(nn.Module):
             stride, dilation = (ph, pw), (1, 1)
         else:
             stride, dilation = (1, 1), (H // ph, W // pw)
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
+        eager = not torch.compiler.is_compiling()
+        if eager and x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference: the table gathered into na2d's per-query bias once (cached while
             # the table is unchanged), not on every call
             bias = self._cpu_bias(H, W, stride, dilation)
