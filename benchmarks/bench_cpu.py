@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -106,7 +107,7 @@ def main() -> None:
     record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     record["env"] = dict(
         cpu=cpu,
-        threads=args.threads,
+        cores=os.cpu_count(),
         batch=args.batch,
         torch=torch.__version__,
         timm=timm.__version__,
@@ -114,7 +115,8 @@ def main() -> None:
         python=platform.python_version(),
         precision="fp32, inference_mode",
     )
-    results = record.setdefault("results", {})
+    # one table per thread count
+    results = record.setdefault("results", {}).setdefault(f"threads_{args.threads}", {})
     rows = []
     for name in args.models:
         res = MODELS.get(name) or int(timm.models.get_pretrained_cfg(name).input_size[-1])
@@ -127,7 +129,7 @@ def main() -> None:
             profile_ours(ref, x, 30)
             continue
         r = bench_pair(ref, ours, x, args.rounds, args.reps)
-        results[name] = dict(res=res, **r)
+        results[name] = dict(res=res, rounds=args.rounds, **r)
         row = (
             f"{name:20s} {res:4d} | {r['timm_img_s']:8.2f} {r['ours_img_s']:8.2f} | "
             f"x{r['speedup']:.2f} [{r['speedup_min_round']:.2f}-{r['speedup_max_round']:.2f}] | "
