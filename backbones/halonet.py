@@ -79,13 +79,20 @@ class PosEmbedRel(nn.Module):
         slot = torch.arange(self.win_size, device=rel.device)
         return rel[slot[None, :] - pos[:, None] + self.win_size - 1]
 
-    def forward(self, q: torch.Tensor, period: int, step: int = 1) -> torch.Tensor:
-        """Relative logits ``[B, heads, H, W, win, win]`` for queries ``q [B, H, W, heads, d]``."""
+    def axis_logits(
+        self, q: torch.Tensor, period: int, step: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two per-axis terms ``[B, heads, H, W, win]`` of the relative logits."""
         H, W = q.shape[1], q.shape[2]
         th = self._axis_table(self.height_rel, H, period, step).to(q.dtype)
         tw = self._axis_table(self.width_rel, W, period, step).to(q.dtype)
         rh = torch.einsum("byxnd,yjd->bnyxj", q, th)
         rw = torch.einsum("byxnd,xjd->bnyxj", q, tw)
+        return rh, rw
+
+    def forward(self, q: torch.Tensor, period: int, step: int = 1) -> torch.Tensor:
+        """Relative logits ``[B, heads, H, W, win, win]`` for queries ``q [B, H, W, heads, d]``."""
+        rh, rw = self.axis_logits(q, period, step)
         return rh[..., :, None] + rw[..., None, :]
 
 
@@ -189,12 +196,13 @@ class HaloAttn(nn.Module):
             q = q.permute(0, 2, 3, 1).view(B, H, W, nh, dqk)
             kv = kv.permute(0, 2, 3, 1).view(B, H, W, nh, dqk + dv)
             k, v = kv[..., :dqk], kv[..., dqk:]
-            bias = self.pos_embed(q, self.block_size, self.block_stride)
+            rh, rw = self.pos_embed.axis_logits(q, self.block_size, self.block_stride)
             if self.scale_pos_embed:
-                bias = bias * self.scale
+                rh, rw = rh * self.scale, rw * self.scale
             if one_block and (H < self.win_size or W < self.win_size):
-                out = self._single_block(q, k, v, bias)
+                out = self._single_block(q, k, v, rh, rw)
             else:
+                bias = rh[..., :, None] + rw[..., None, :]
                 out = self._blocks(q, k, v, bias, self.win_size, self.block_size)
             out = out[:, : H : self.block_stride, : W : self.block_stride]
         out = out.reshape(B, out.shape[1], out.shape[2], self.dim_out_v).permute(0, 3, 1, 2)
@@ -267,7 +275,7 @@ class HaloAttn(nn.Module):
         return out[:, :H, :W]
 
     def _single_block(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor
     ) -> torch.Tensor:
         """Halo attention when the whole map is one query block (deep stages).
 
@@ -276,19 +284,25 @@ class HaloAttn(nn.Module):
         ``H x W`` queries, no padded queries); the zero keys add nothing to the weighted values
         and only their logits (the relative logits alone) to the softmax normaliser, so the
         result is the map-only attention scaled by ``sigmoid(lse_map - lse_zero_keys)``.
+        The relative logits are ``rh[y] + rw[x]`` over window slots, so the zero keys' lse
+        splits exactly into per-axis lses over (rows off the map x all columns) and (map
+        rows x columns off the map): no ``win x win`` logit block is built.
         """
         H, W = q.shape[1], q.shape[2]
         h0 = self.halo_size
-        inner = bias[..., h0 : h0 + H, h0 : h0 + W]
+        inner = rh[..., h0 : h0 + H, None] + rw[..., None, h0 : h0 + W]
         out, lse = na2d(
             q, k, v, kernel_size=(H, W), stride=(H, W), attn_bias=inner, scale=self.scale,
             return_lse=True,
         )  # fmt: skip
-        is_map = torch.zeros(self.win_size, self.win_size, dtype=torch.bool, device=q.device)
-        is_map[h0 : h0 + H, h0 : h0 + W] = True
-        lse_zero = torch.logsumexp(
-            bias.to(lse.dtype).masked_fill(is_map, float("-inf")), dim=(-2, -1)
-        )
+        rh, rw = rh.to(lse.dtype), rw.to(lse.dtype)
+        h_in = rh[..., h0 : h0 + H]
+        h_out = torch.cat([rh[..., :h0], rh[..., h0 + H :]], dim=-1)
+        w_out = torch.cat([rw[..., :h0], rw[..., h0 + W :]], dim=-1)
+        lse_zero = torch.logaddexp(
+            torch.logsumexp(h_out, -1) + torch.logsumexp(rw, -1),
+            torch.logsumexp(h_in, -1) + torch.logsumexp(w_out, -1),
+        )  # [B, heads, H, W]
         gate = torch.sigmoid(lse - lse_zero.permute(0, 2, 3, 1))  # [B, H, W, heads]
         return out * gate.unsqueeze(-1).to(out.dtype)
 
