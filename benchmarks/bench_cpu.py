@@ -103,6 +103,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = platform.processor() or platform.machine()
+    try:  # the model name, where Linux tells it
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load_before = os.getloadavg()
     path = Path(args.out or Path(__file__).parent / f"cpu_{platform.machine()}.json")
     record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     record["env"] = dict(
@@ -117,6 +123,10 @@ def main() -> None:
     )
     # one table per thread count
     results = record.setdefault("results", {}).setdefault(f"threads_{args.threads}", {})
+    results.clear()
+    record.setdefault("load_avg_1min_at_start", {})[f"threads_{args.threads}"] = round(
+        load_before[0], 2
+    )
     rows = []
     for name in args.models:
         res = MODELS.get(name) or int(timm.models.get_pretrained_cfg(name).input_size[-1])
@@ -130,6 +140,8 @@ def main() -> None:
             continue
         r = bench_pair(ref, ours, x, args.rounds, args.reps)
         results[name] = dict(res=res, rounds=args.rounds, **r)
+        # other jobs on a shared machine skew single rounds: the load says how busy it was
+        results[name]["load_avg_1min"] = round(os.getloadavg()[0], 2)
         row = (
             f"{name:20s} {res:4d} | {r['timm_img_s']:8.2f} {r['ours_img_s']:8.2f} | "
             f"x{r['speedup']:.2f} [{r['speedup_min_round']:.2f}-{r['speedup_max_round']:.2f}] | "
