@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
+from visionattn.backbones._layers import pointwise
 from visionattn.kernels import na2d
 
 __all__ = [
@@ -102,18 +103,7 @@ class ConvNorm(nn.Module):
     ) -> torch.Tensor:
         if self.pointwise and not nchw_in:
             # any leading dims; w is [out, in] (folded) or the conv's [out, in, 1, 1]
-            w = w if w.dim() == 2 else w.flatten(1)
-            cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-            cpu = cpu and not torch.is_grad_enabled() and x.is_contiguous()
-            if cpu and torch.get_num_threads() > 1:
-                # CPU inference: a 1x1 oneDNN conv over a channels-last view of the same
-                # memory (same math); it scales with threads where the BLAS GEMM behind
-                # F.linear barely does (single-threaded, PyTorch would run the conv on its
-                # slower native path: F.linear then)
-                x4 = x.reshape(x.shape[0], -1, 1, x.shape[-1]).permute(0, 3, 1, 2)
-                y = F.conv2d(x4, w.view(*w.shape, 1, 1), b).permute(0, 2, 3, 1)
-                return y.reshape(*x.shape[:-1], w.shape[0])
-            return F.linear(x, w, b)
+            return pointwise(x, w, b)
         c = self.conv
         if nchw_in:
             # a channels-last weight makes the conv write channels-last output straight from

@@ -37,6 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
+from visionattn.backbones._layers import inplace_act as _act
+from visionattn.backbones._layers import linear_tokens as _linear
 
 __all__ = [
     "FAMILIES",
@@ -47,32 +49,6 @@ __all__ = [
 ]
 
 FAMILIES = ("focalnet",)
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` for channels-last ``[B, H, W, C]`` tokens.
-
-    CPU inference runs it as a 1x1 convolution over the channels-last NCHW view of the same
-    memory (same math, output again ``[B, H, W, C]``-contiguous): oneDNN's convolution scales
-    with threads where the BLAS GEMM behind ``F.linear`` barely does (2 threads: ~2x faster),
-    and timm's conv-based FocalNet gets exactly that path. One thread keeps ``F.linear``.
-    """
-    eager = not torch.compiler.is_compiling()
-    if eager and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
-        # single-threaded, PyTorch runs a 1x1 conv on its native (slower) path instead
-        if x.is_contiguous() and torch.get_num_threads() > 1:
-            w = layer.weight
-            y = F.conv2d(x.permute(0, 3, 1, 2), w.view(*w.shape, 1, 1), layer.bias)
-            return y.permute(0, 2, 3, 1)
-    return layer(x)
-
-
-def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)``; in inference a GELU overwrites ``x`` (a fresh activation nobody else holds),
-    saving the allocation of the block's largest tensor."""
-    if isinstance(act, nn.GELU) and not torch.is_grad_enabled():
-        return torch.ops.aten.gelu_(x, approximate=act.approximate)
-    return act(x)
 
 
 class _Mlp(Mlp):
