@@ -148,16 +148,8 @@ HALO_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "case", HALO_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
-)
-def test_halo_layer_matches_timm(case: dict) -> None:
-    torch.manual_seed(3)
-    ref = TimmHaloAttn(16, 24, num_heads=2, **case)
-    ours = Hn.HaloAttn(16, 24, num_heads=2, **case)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    h = 12 if case["block_size"] == 3 else 8
-    x = torch.randn(2, 16, h, 2 * h, requires_grad=True)
+def _assert_layer_matches(ref: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor) -> None:
+    """Same output, input gradient and parameter gradients as timm's layer."""
     x2 = x.detach().clone().requires_grad_(True)
     want, got = ref(x), ours(x2)
     assert got.shape == want.shape
@@ -171,6 +163,19 @@ def test_halo_layer_matches_timm(case: dict) -> None:
         assert torch.allclose(p.grad, ref_p[n].grad, rtol=1e-4, atol=1e-5), n
 
 
+@pytest.mark.parametrize(
+    "case", HALO_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items())
+)
+def test_halo_layer_matches_timm(case: dict) -> None:
+    torch.manual_seed(3)
+    ref = TimmHaloAttn(16, 24, num_heads=2, **case)
+    ours = Hn.HaloAttn(16, 24, num_heads=2, **case)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    h = 12 if case["block_size"] == 3 else 8
+    x = torch.randn(2, 16, h, 2 * h, requires_grad=True)
+    _assert_layer_matches(ref, ours, x)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("halo", [1, 3])
 def test_single_block_map_matches_timm(stride: int, halo: int) -> None:
@@ -181,17 +186,7 @@ def test_single_block_map_matches_timm(stride: int, halo: int) -> None:
     ref = TimmHaloAttn(16, 16, num_heads=2, block_size=8, halo_size=halo, stride=stride)
     ours = Hn.HaloAttn(16, 16, num_heads=2, block_size=8, halo_size=halo, stride=stride)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(2, 16, 8, 8, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_(True)
-    want, got = ref(x), ours(x2)
-    assert (got - want).abs().max().item() <= TOL
-    g = torch.randn_like(want)
-    want.backward(g)
-    got.backward(g)
-    assert torch.allclose(x2.grad, x.grad, rtol=1e-4, atol=1e-5)
-    ref_p = dict(ref.named_parameters())
-    for n, p in ours.named_parameters():
-        assert torch.allclose(p.grad, ref_p[n].grad, rtol=1e-4, atol=1e-5), n
+    _assert_layer_matches(ref, ours, torch.randn(2, 16, 8, 8, requires_grad=True))
     # a map smaller than the block equals timm on the zero-padded map (no qkv bias)
     x = torch.randn(1, 16, 6, 7)
     with torch.no_grad():
