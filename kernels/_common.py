@@ -265,3 +265,51 @@ def window_tables(
     n_tokens = math.prod(spatial)
     key = torch.where(in_map, key, torch.full_like(key, n_tokens))
     return key, in_map, allowed, rel
+
+
+def _arg_key(x: object) -> object:
+    """Hashable, type-exact key of one API argument: tensors by (type, shape, dtype, device),
+    scalars by (type, value) so ``3``, ``3.0`` and ``True`` never share an entry (only some of
+    them are valid), sequences element-wise; anything else raises TypeError (not memoised)."""
+    if isinstance(x, Tensor):
+        return (type(x), tuple(x.shape), x.dtype, x.device)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return (type(x), x)
+    if isinstance(x, (list, tuple)):
+        return tuple(_arg_key(e) for e in x)
+    raise TypeError(f"not memoisable: {type(x).__name__}")
+
+
+class CheckMemo:
+    """Results of an op's argument checks, memoised on everything they look at.
+
+    A model repeats the same few calls every step and a full validation costs tens of
+    microseconds of Python per call, more than a small kernel. Only successful checks are
+    stored, so bad arguments always reach the checker and its error messages; under
+    ``torch.compile`` nothing is memoised (shapes may be symbolic). Bounded, not LRU: real
+    workloads have a handful of signatures.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.results: dict = {}
+
+    def __call__(self, check, *args: object):
+        """``check(*args)``, or its stored result for arguments with the same key."""
+        key = None
+        if not torch.compiler.is_compiling():
+            try:
+                key = tuple(_arg_key(a) for a in args)
+                hash(key)
+            except TypeError:
+                key = None
+        if key is not None:
+            hit = self.results.get(key)
+            if hit is not None:
+                return hit
+        result = check(*args)
+        if key is not None:
+            if len(self.results) >= self.size:
+                self.results.clear()
+            self.results[key] = result
+        return result

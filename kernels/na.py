@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import NAParams, check_na_args, window_tables
+from ._common import CheckMemo, NAParams, check_na_args, window_tables
 from .na_reference import reference_backward, reference_forward
 
 try:  # Triton is optional (CPU-only installs); the reference covers every case.
@@ -312,51 +312,7 @@ class _NAFunction(torch.autograd.Function):
         return dq, dk, dv, drpb, dbias, None
 
 
-def _hkey(x: object) -> object:
-    """Hashable, type-exact key of a scalar or sequence argument (``3``, ``3.0`` and ``True``
-    must not share a cache entry: only some of them are valid)."""
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return (type(x), x)
-    if isinstance(x, (list, tuple)):
-        return tuple(_hkey(e) for e in x)
-    raise TypeError("not cacheable")
-
-
-def _tspec(t: object) -> object:
-    return None if t is None else (type(t), t.shape, t.dtype, t.device)
-
-
-_CHECKED: dict = {}
-
-
-def _checked_params(
-    n: int, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
-) -> NAParams:
-    """:func:`check_na_args`, memoised on everything it looks at (tensor types, shapes,
-    dtypes, devices and the parameters): a model repeats the same few calls every step, and
-    the full validation is tens of microseconds of Python per call. Only successful checks
-    are cached, so bad arguments always reach the checker and its error messages."""
-    try:
-        key = (
-            n, _tspec(q), _tspec(k), _tspec(v), _hkey(kernel_size), _hkey(stride),
-            _hkey(dilation), _hkey(is_causal), _tspec(rpb), _tspec(attn_bias), _hkey(scale),
-            _hkey(border),
-        )  # fmt: skip
-        hash(key)
-    except (AttributeError, TypeError):
-        key = None
-    if key is not None:
-        p = _CHECKED.get(key)
-        if p is not None:
-            return p
-    p = check_na_args(
-        n, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
-    )
-    if key is not None:
-        if len(_CHECKED) >= 4096:  # a bound, not an LRU: real workloads have few keys
-            _CHECKED.clear()
-        _CHECKED[key] = p
-    return p
+_checked_params = CheckMemo()  # memoised check_na_args (see CheckMemo)
 
 
 def neighborhood_attention(
@@ -378,8 +334,9 @@ def neighborhood_attention(
     if n_dims not in (1, 2, 3):
         raise ValueError(f"n_dims must be 1, 2 or 3, got {n_dims}")
     p = _checked_params(
-        n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb, attn_bias, scale, border
-    )
+        check_na_args, n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb,
+        attn_bias, scale, border,
+    )  # fmt: skip
     if torch.compiler.is_compiling():
         out, lse = _na_fwd(
             q, k, v, rpb, attn_bias, list(p.kernel_size), list(p.stride), list(p.dilation),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
+from ._common import CheckMemo
 from .routed_reference import routed_bwd_reference, routed_fwd_reference
 
 __all__ = ["routed_attention", "routed_tiles"]
@@ -308,17 +309,7 @@ def _check_inputs(
     return b, nheads, d, v.shape[4], indices.shape[-1]
 
 
-_CHECKED: dict = {}
-
-
-def _exact(x):
-    """``x`` as a memo key when it is None, an int or a tuple of ints (2.0 == 2 as dict keys,
-    yet only the int is valid); raises TypeError (no memo) otherwise."""
-    if x is None or type(x) is int:
-        return x
-    if type(x) is tuple and all(type(e) is int for e in x):
-        return x
-    raise TypeError
+_checked = CheckMemo()  # memoised _check_all: shapes, dtypes, devices and grid arguments
 
 
 def _check_all(q, k, v, indices, n_win, tile_size, kv_tile_size):
@@ -387,27 +378,7 @@ def routed_attention(
         ``out [B, Hq, Wq, heads, Dv]`` in q's dtype, and ``lse`` if ``return_lse``.
     """
     compiling = torch.compiler.is_compiling()
-    key = None
-    if not compiling:
-        # the checks below depend only on shapes, dtypes, devices and the grid arguments:
-        # a signature that passed once passes again (and small problems cannot afford them)
-        try:
-            key = (
-                q.shape, k.shape, v.shape, indices.shape, q.dtype, k.dtype, v.dtype,
-                indices.dtype, q.device, k.device, v.device, indices.device, _exact(n_win),
-                _exact(tile_size), _exact(kv_tile_size),
-            )  # fmt: skip
-            checked = _CHECKED.get(key)
-        except (AttributeError, TypeError):  # not tensors, or unhashable grid arguments
-            key = checked = None
-    else:
-        checked = None
-    if checked is None:
-        checked = _check_all(q, k, v, indices, n_win, tile_size, kv_tile_size)
-        if key is not None:
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED[key] = checked
+    checked = _checked(_check_all, q, k, v, indices, n_win, tile_size, kv_tile_size)
     d, tiles, n_kv_tiles = checked
     if check_indices and not compiling:
         bad = ((indices < 0) | (indices >= n_kv_tiles)).any()

@@ -1,4 +1,5 @@
-"""DirectLauncher: Triton's path once per signature, the cached binary's launcher after."""
+"""Host-side helpers of the ops: DirectLauncher (Triton's path once per signature, the cached
+binary's launcher after) and CheckMemo (memoised argument checks)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,33 @@ def test_plan_owned_runs_and_switch_off(fake_device, monkeypatch) -> None:
     off((2,), (x, y), (7, 16))
     off((2,), (x, y), (7, 16))
     assert [e[0] for e in fn.log[2:]] == ["triton", "triton"]
+
+
+def test_check_memo_keys_are_type_exact_and_failures_not_stored() -> None:
+    from visionattn.kernels._common import CheckMemo
+
+    calls: list = []
+
+    def check(x, k):
+        calls.append((x.shape, k))
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError("k must be an int")
+        return k * 2
+
+    memo = CheckMemo(size=2)
+    x = torch.zeros(2, 3)
+    assert memo(check, x, 3) == 6 and memo(check, torch.ones(2, 3), 3) == 6
+    assert len(calls) == 1  # same shape/dtype/device and value: the stored result
+    for bad in (3.0, True):  # equal to 3 as dict keys, yet invalid: always checked
+        with pytest.raises(ValueError, match="k must be an int"):
+            memo(check, x, bad)
+        with pytest.raises(ValueError, match="k must be an int"):
+            memo(check, x, bad)
+    assert len(calls) == 5 and len(memo.results) == 1
+    memo(check, torch.zeros(4, 3), 3)
+    memo(check, x.double(), 3)  # third entry: the bounded store starts over
+    assert len(memo.results) == 1
+    n = len(calls)
+    with pytest.raises(ValueError):  # an argument with no key: checked, never stored
+        memo(check, x, [object()])
+    assert len(calls) == n + 1 and len(memo.results) == 1
