@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 __all__ = [
     "NAParams",
@@ -313,3 +314,13 @@ class CheckMemo:
                 self.results.clear()
             self.results[key] = result
         return result
+
+
+def eager_call(q: Tensor) -> bool:
+    """Whether an op call may skip its ``torch.library`` custom op for the cheaper direct
+    path: not while tracing, not for tensor subclasses (FakeTensor, DTensor, ...) and not
+    under a dispatch mode (FakeTensorMode, ...), which need the custom op's fake impl and
+    registration."""
+    return (
+        not torch.compiler.is_compiling() and type(q) is Tensor and _current_dispatch_mode() is None
+    )

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import CheckMemo, NAParams, check_na_args, window_tables
+from ._common import CheckMemo, NAParams, check_na_args, eager_call, window_tables
 from .na_reference import reference_backward, reference_forward
 
 try:  # Triton is optional (CPU-only installs); the reference covers every case.
@@ -337,13 +337,19 @@ def neighborhood_attention(
         check_na_args, n_dims, q, k, v, kernel_size, stride, dilation, is_causal, rpb,
         attn_bias, scale, border,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
+    # the custom op (fake impl, autograd registration) while tracing, for tensor subclasses
+    # and under dispatch modes; the cheaper autograd.Function for plain eager training calls
+    if not eager_call(q):
         out, lse = _na_fwd(
             q, k, v, rpb, attn_bias, list(p.kernel_size), list(p.stride), list(p.dilation),
             list(p.is_causal), p.zero_border, p.scale,
         )  # fmt: skip
-    else:
+    elif torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rpb, attn_bias)
+    ):
         out, lse = _NAFunction.apply(q, k, v, rpb, attn_bias, p)
+    else:  # inference: no autograd node at all
+        out, lse = _forward_impl(q, k, v, rpb, attn_bias, p)
     return (out, lse) if return_lse else out
 
 

@@ -18,9 +18,8 @@ import os
 from collections.abc import Sequence
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
-from ._common import CheckMemo
+from ._common import CheckMemo, eager_call
 from .routed_reference import routed_bwd_reference, routed_fwd_reference
 
 __all__ = ["routed_attention", "routed_tiles"]
@@ -394,7 +393,7 @@ def routed_attention(
     need_lse = return_lse or grad
     # the custom op (fake impls, autograd registration) while tracing, for tensor subclasses
     # and under dispatch modes; the cheaper autograd.Function for plain eager calls
-    if compiling or type(q) is not torch.Tensor or _current_dispatch_mode() is not None:
+    if not eager_call(q):
         out, lse = _routed_fwd_op(q, k, v, indices, list(tiles), scale, need_lse)
     elif grad:
         out, lse = _RoutedEager.apply(q, k, v, indices, tiles, scale, need_lse)

@@ -571,3 +571,20 @@ def test_triton_out_of_resources_falls_back_to_reference(monkeypatch) -> None:
     torch.testing.assert_close(out, ref)
     for a, b in zip(got_g, ref_g):
         torch.testing.assert_close(a, b)
+
+
+def test_dispatch_paths_fake_mode_and_inference() -> None:
+    """Fake tensors (FakeTensorMode) take the custom op's fake impl; inference calls take the
+    direct path with no autograd node, giving the training path's values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        qf = torch.randn(2, 8, 8, 2, 16)
+        assert na2d(qf, qf, qf, 3, rpb=torch.randn(2, 5, 5)).shape == (2, 8, 8, 2, 16)
+    q = torch.randn(2, 8, 8, 2, 16, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        a = na2d(q, q, q, 3, rpb=rpb)
+    b = na2d(q, q, q, 3, rpb=rpb)
+    assert a.grad_fn is None and b.grad_fn is not None
+    assert torch.equal(a, b)
