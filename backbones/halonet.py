@@ -34,7 +34,7 @@ from timm.models.byoanet import model_cfgs as byoanet_cfgs
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, interleave_blocks
 from torch import nn
 
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import build_converted, head_classes
 from visionattn.kernels import na2d
 
 __all__ = ["FAMILIES", "HaloAttn", "HaloNet", "checkpoint_filter_fn", "from_timm"]
@@ -450,9 +450,7 @@ def from_timm(
             f"timm_model_name: {timm_model_name!r} is not a timm halo network; supported: "
             f"{', '.join(_TIMM_NAMES)}"
         )
-    if "num_classes" not in kwargs:
-        fc = state_dict.get("head.fc.weight")
-        kwargs["num_classes"] = 0 if fc is None else fc.shape[0]
+    kwargs.setdefault("num_classes", head_classes(state_dict, "head.fc.weight"))
     return build_converted(f"va_{base}", kwargs, lambda m: checkpoint_filter_fn(state_dict, m))
 
 

@@ -61,7 +61,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from torch import nn
 
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import build_converted, head_classes
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 from visionattn.kernels import na2d
@@ -841,10 +841,7 @@ def from_timm(
             f"timm_model_name: {timm_model_name!r} is not a TF-ported MaxViT; supported: "
             f"{', '.join(_TIMM_NAMES)}"
         )
-    kwargs.setdefault(
-        "num_classes",
-        state_dict["head.fc.weight"].shape[0] if "head.fc.weight" in state_dict else 0,
-    )
+    kwargs.setdefault("num_classes", head_classes(state_dict, "head.fc.weight"))
     return build_converted(f"va_{base}", kwargs, lambda m: checkpoint_filter_fn(state_dict, m))
 
 
