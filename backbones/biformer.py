@@ -52,6 +52,9 @@ from visionattn.backbones._convert import build_converted
 from visionattn.kernels.routed import routed_attention
 from visionattn.kernels.routing import bra_route, crop_from_grid, pad_to_grid
 
+# official family names visionattn.convert.from_official routes here
+OFFICIAL_FAMILIES = ("biformer",)
+
 __all__ = [
     "FAMILIES",
     "OFFICIAL_DEFAULTS",

@@ -49,6 +49,11 @@ from visionattn.backbones._convert import build_converted, head_classes, registe
 from visionattn.backbones._layers import pointwise
 from visionattn.kernels import na2d
 
+# official family names visionattn.convert.from_official routes here
+OFFICIAL_FAMILIES = ("efficientvit",)
+# timm model-name prefixes visionattn.convert.from_timm routes here
+TIMM_PREFIXES = ("efficientvit_m",)
+
 __all__ = [
     "FAMILIES",
     "EfficientVitMsra",

@@ -40,6 +40,11 @@ from visionattn.backbones._convert import build_converted, head_classes, registe
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 
+# official family names visionattn.convert.from_official routes here
+OFFICIAL_FAMILIES = ("focalnet",)
+# timm model-name prefixes visionattn.convert.from_timm routes here
+TIMM_PREFIXES = ("focalnet_",)
+
 __all__ = [
     "FAMILIES",
     "FocalNet",

@@ -37,6 +37,16 @@ from torch import nn
 from visionattn.backbones._convert import build_converted, head_classes
 from visionattn.kernels import na2d
 
+# timm model-name prefixes visionattn.convert.from_timm routes here
+TIMM_PREFIXES = (
+    "halonet",
+    "sehalonet",
+    "halo2botnet",
+    "eca_halonext",
+    "haloregnetz",
+    "lamhalobotnet",
+)
+
 __all__ = ["FAMILIES", "HaloAttn", "HaloNet", "checkpoint_filter_fn", "from_timm"]
 
 FAMILIES = ("halonet",)

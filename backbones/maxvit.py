@@ -67,6 +67,9 @@ from visionattn.backbones._layers import linear_tokens as _linear
 from visionattn.kernels import na2d
 from visionattn.kernels._common import NAParams, window_tables
 
+# timm model-name prefixes visionattn.convert.from_timm routes here
+TIMM_PREFIXES = ("maxvit_",)
+
 __all__ = [
     "FAMILIES",
     "MaxVit",

@@ -61,6 +61,9 @@ from torch import nn
 import visionattn.kernels as _kernels
 from visionattn.backbones._convert import build_converted
 
+# official family names visionattn.convert.from_official routes here
+OFFICIAL_FAMILIES = ("nat", "dinat")
+
 __all__ = [
     "FAMILIES",
     "NAT",

@@ -22,27 +22,32 @@ from torch import nn
 
 __all__ = ["OFFICIAL_FAMILIES", "TIMM_PREFIXES", "from_official", "from_timm", "unwrap_state_dict"]
 
+
+def _declared(attr: str) -> dict[str, str]:
+    """``attr`` entries the family modules declare -> the module declaring them.
+
+    A family module lists the official family names it converts in ``OFFICIAL_FAMILIES`` and
+    the timm model-name prefixes it converts in ``TIMM_PREFIXES``; adding a family is adding
+    its file, with no second list here to keep in sync.
+    """
+    from visionattn.backbones import family_modules
+
+    out: dict[str, str] = {}
+    for module_name, mod in family_modules().items():
+        for key in getattr(mod, attr, ()):
+            if key in out:
+                raise RuntimeError(
+                    f"{attr}: {key!r} is declared by both {out[key]} and {module_name}"
+                )
+            out[key] = module_name
+    return out
+
+
 # official family name -> family module in visionattn.backbones
-OFFICIAL_FAMILIES: dict[str, str] = {
-    "nat": "nat",
-    "dinat": "nat",
-    "biformer": "biformer",
-    "focalnet": "focalnet",
-    "efficientvit": "efficientvit",
-}
+OFFICIAL_FAMILIES: dict[str, str] = _declared("OFFICIAL_FAMILIES")
 
 # timm model-name prefix -> family module in visionattn.backbones
-TIMM_PREFIXES: dict[str, str] = {
-    "maxvit_": "maxvit",
-    "halonet": "halonet",
-    "sehalonet": "halonet",
-    "halo2botnet": "halonet",
-    "eca_halonext": "halonet",
-    "haloregnetz": "halonet",
-    "lamhalobotnet": "halonet",
-    "efficientvit_m": "efficientvit",
-    "focalnet_": "focalnet",
-}
+TIMM_PREFIXES: dict[str, str] = _declared("TIMM_PREFIXES")
 
 # keys official training scripts wrap their weights in
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module", "model_state")
