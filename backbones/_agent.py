@@ -1,0 +1,316 @@
+"""Agent attention: the computation shared by the Agent-DeiT / PVT / Swin / CSwin families.
+
+Paper: `Agent Attention: On the Integration of Softmax and Linear Attention`
+(Han, Ye, Han, Xia, Pan, Wan, Song, Huang; ECCV 2024) - https://arxiv.org/abs/2312.08874
+Official code: https://github.com/LeapLabTHU/Agent-Attention (``agent_transformer/models``).
+
+For queries ``Q [N, d]``, keys/values ``K, V [M, d]`` of one head, ``A`` agent tokens
+(average-pooled queries on a ``g x g`` grid) and learned position biases:
+
+* aggregation: ``V_A = softmax(A K^T * scale + B_ak) V``       (agents attend to the keys)
+* broadcast:   ``O   = softmax(Q A^T * scale + B_qa) V_A``     (queries attend to the agents)
+* plus a depthwise 3x3 convolution of ``V`` over the token map (the "diversity" term).
+
+Both softmax steps run through ``F.scaled_dot_product_attention`` with the bias as an additive
+``attn_mask`` (broadcast over the batch, never repeated per image), so no ``[B, heads, N, A]``
+score tensor is materialised by this code.
+
+Biases, per head (official parameter names and shapes, see :func:`init_agent_biases`):
+
+* ``an_bias [heads, A, 7, 7]`` bilinearly resized to the key map, plus the separable
+  ``ah_bias [1, heads, A, Hk, 1] + aw_bias [1, heads, A, 1, Wk]`` -> ``B_ak [heads, A, Hk*Wk]``;
+* ``na_bias [heads, A, 7, 7]`` resized to the query map, plus
+  ``ha_bias [1, heads, Hq, 1, A] + wa_bias [1, heads, 1, Wq, A]`` -> ``B_qa [heads, Hq*Wq, A]``.
+
+At another running resolution the separable terms are bilinearly resized along their map axis,
+as the official detection / segmentation backbones do (they resize ``ah + aw`` jointly; bilinear
+resizing is separable and its weights sum to one, so resizing each term is the same map). At
+the size they were trained for nothing is resized.
+
+Token layout: ``[B, N, C]`` row-major over an ``H x W`` map; heads-first ``[B, heads, N, d]``
+views (:func:`split_heads`) feed the attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+__all__ = [
+    "agent_aggregate",
+    "agent_attention",
+    "agent_broadcast",
+    "agent_grid",
+    "agent_key_bias",
+    "dwc_tokens",
+    "init_agent_biases",
+    "merge_heads",
+    "pool_agents",
+    "query_agent_bias",
+    "resize_axis",
+    "split_heads",
+]
+
+
+def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    t = (size, size) if isinstance(size, int) else tuple(size)
+    if len(t) != 2 or not all(isinstance(s, int) and s > 0 for s in t):
+        raise ValueError(f"{name}: must be a positive int or a pair of them, got {size!r}")
+    return t  # type: ignore[return-value]
+
+
+def agent_grid(num_agents: int) -> tuple[int, int]:
+    """The ``g x g`` pooling grid of ``num_agents`` agent tokens (must be a perfect square)."""
+    g = math.isqrt(num_agents) if isinstance(num_agents, int) and num_agents > 0 else 0
+    if g * g != num_agents or g == 0:
+        raise ValueError(f"num_agents: must be a positive perfect square, got {num_agents!r}")
+    return g, g
+
+
+# ----------------------------------------------------------------------------------------------
+# agent tokens
+
+
+@lru_cache(maxsize=64)
+def _pool_matrix(
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """0/1 bin-membership matrix ``[gh*gw, H*W]`` of adaptive average pooling and the float64
+    reciprocal bin sizes ``[gh*gw, 1]`` (bins ``floor(i*S/g) : ceil((i+1)*S/g)`` per axis)."""
+
+    def axis(n: int, g: int) -> Tensor:
+        m = torch.zeros(g, n)
+        for i in range(g):
+            m[i, (i * n) // g : -((-(i + 1) * n) // g)] = 1.0
+        return m
+
+    mh, mw = axis(size[0], grid[0]), axis(size[1], grid[1])
+    member = torch.kron(mh, mw)  # [gh*gw, H*W], agents and tokens both row-major
+    inv = 1.0 / member.sum(1, keepdim=True).double()
+    return member.to(device), inv.to(device)
+
+
+def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[int]) -> Tensor:
+    """Agent tokens: ``F.adaptive_avg_pool2d`` of the ``H x W`` token map onto ``grid``.
+
+    Args:
+        tokens: ``[B, H*W, C]`` row-major tokens (any strides, e.g. a slice of a fused qkv).
+        size: ``(H, W)`` of the token map.
+        grid: ``(gh, gw)`` pooling grid (``agent_grid(num_agents)``).
+
+    Returns:
+        ``[B, gh*gw, C]`` in ``tokens``' dtype, agents row-major over the grid. Computed as one
+        matmul with the pooling matrix (reads ``tokens`` in place, no NCHW copy); bins are
+        summed by the matmul and divided by their size in float32 (float64 for float64).
+    """
+    h, w = _pair(size, "size")
+    grid = _pair(grid, "grid")
+    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+        raise ValueError(
+            f"tokens: expected [B, {h * w}, C] for size {(h, w)}, got {tuple(tokens.shape)}"
+        )
+    member, inv = _pool_matrix((h, w), grid, tokens.device)
+    summed = torch.matmul(member.to(tokens.dtype), tokens)
+    # the division in float32 at least (bf16 1/size would be inexact)
+    return (summed * inv.to(torch.promote_types(tokens.dtype, torch.float32))).to(tokens.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# heads
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, N, C]`` -> ``[B, heads, N, C // heads]`` (a view, no copy)."""
+    B, N, C = x.shape
+    if C % num_heads:
+        raise ValueError(f"num_heads: {num_heads} must divide the channel count {C}")
+    return x.unflatten(-1, (num_heads, C // num_heads)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``[B, heads, N, d]`` -> ``[B, N, heads * d]`` (a view when the heads are interleaved in
+    memory, as SDPA's outputs are)."""
+    B, nh, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, nh * d)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _mask(bias: Tensor | None, like: Tensor) -> Tensor | None:
+    if bias is None:
+        return None
+    if not bias.is_floating_point():
+        raise TypeError(f"bias: must be a floating-point additive bias, got {bias.dtype}")
+    return bias.to(like.dtype)
+
+
+def agent_aggregate(
+    agents: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Agents attend to the keys: ``softmax(agents k^T * scale + bias) v``.
+
+    Args:
+        agents: ``[B, heads, A, d]``; k: ``[B, heads, M, d]``; v: ``[B, heads, M, dv]``.
+        bias: additive logits broadcastable to ``[B, heads, A, M]`` (e.g. ``[heads, A, M]``
+            from :func:`agent_key_bias`), differentiable; cast to the agents' dtype.
+        scale: logit scale, default ``d ** -0.5``.
+        dropout_p: dropout on the attention weights (training only; pass 0 in eval).
+
+    Returns:
+        ``agent_v [B, heads, A, dv]``.
+    """
+    return F.scaled_dot_product_attention(
+        agents, k, v, attn_mask=_mask(bias, agents), dropout_p=dropout_p, scale=scale
+    )
+
+
+def agent_broadcast(
+    q: Tensor,
+    agents: Tensor,
+    agent_v: Tensor,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Queries attend to the agents: ``softmax(q agents^T * scale + bias) agent_v``.
+
+    Args:
+        q: ``[B, heads, N, d]``; agents: ``[B, heads, A, d]``; agent_v: ``[B, heads, A, dv]``.
+        bias: additive logits broadcastable to ``[B, heads, N, A]`` (e.g. ``[heads, N, A]``
+            from :func:`query_agent_bias`), differentiable; cast to q's dtype.
+        scale: logit scale, default ``d ** -0.5``.
+        dropout_p: dropout on the attention weights (training only).
+
+    Returns:
+        ``[B, heads, N, dv]``.
+    """
+    return F.scaled_dot_product_attention(
+        q, agents, agent_v, attn_mask=_mask(bias, q), dropout_p=dropout_p, scale=scale
+    )
+
+
+def agent_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    agents: Tensor,
+    agent_bias: Tensor | None = None,
+    query_bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """:func:`agent_aggregate` then :func:`agent_broadcast` (both steps share ``scale`` and
+    ``dropout_p``); shapes as there. Returns ``[B, heads, N, dv]``."""
+    agent_v = agent_aggregate(agents, k, v, agent_bias, scale, dropout_p)
+    return agent_broadcast(q, agents, agent_v, query_bias, scale, dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# position biases
+
+
+def resize_axis(x: Tensor, dim: int, size: int) -> Tensor:
+    """Linear resize of ``x`` along ``dim`` to ``size`` with ``align_corners=False`` (one axis
+    of ``F.interpolate(mode="bilinear")``); ``x`` itself when the size already matches."""
+    dim = dim % x.dim()
+    if x.shape[dim] == size:
+        return x
+    t = x.movedim(dim, -1)
+    lead = t.shape[:-1]
+    t = F.interpolate(t.reshape(1, -1, t.shape[-1]), size=size, mode="linear")
+    return t.reshape(*lead, size).movedim(-1, dim)
+
+
+def agent_key_bias(
+    an_bias: Tensor, ah_bias: Tensor, aw_bias: Tensor, size: int | Sequence[int]
+) -> Tensor:
+    """Agent -> key bias ``[heads, A, Hk*Wk]`` for a ``size = (Hk, Wk)`` key map.
+
+    ``an_bias [heads, A, 7, 7]`` is bilinearly resized to ``size`` (as the official code does at
+    every resolution); ``ah_bias [1, heads, A, h0, 1]`` / ``aw_bias [1, heads, A, 1, w0]`` are
+    resized along their map axis only when ``size`` differs from ``(h0, w0)``.
+    """
+    hk, wk = _pair(size, "size")
+    nh, na = an_bias.shape[:2]
+    an = F.interpolate(an_bias, size=(hk, wk), mode="bilinear")
+    ah = resize_axis(ah_bias, 3, hk).reshape(nh, na, hk, 1)
+    aw = resize_axis(aw_bias, 4, wk).reshape(nh, na, 1, wk)
+    return (an + (ah + aw)).reshape(nh, na, hk * wk)
+
+
+def query_agent_bias(
+    na_bias: Tensor, ha_bias: Tensor, wa_bias: Tensor, size: int | Sequence[int]
+) -> Tensor:
+    """Query -> agent bias ``[heads, Hq*Wq, A]`` for a ``size = (Hq, Wq)`` query map.
+
+    ``na_bias [heads, A, 7, 7]`` is bilinearly resized to ``size``; ``ha_bias
+    [1, heads, h0, 1, A]`` / ``wa_bias [1, heads, 1, w0, A]`` are resized along their map axis
+    only when ``size`` differs from ``(h0, w0)``.
+    """
+    hq, wq = _pair(size, "size")
+    nh, na = na_bias.shape[:2]
+    nab = F.interpolate(na_bias, size=(hq, wq), mode="bilinear").reshape(nh, na, hq * wq)
+    ha = resize_axis(ha_bias, 2, hq).reshape(nh, hq, 1, na)
+    wa = resize_axis(wa_bias, 3, wq).reshape(nh, 1, wq, na)
+    return nab.transpose(1, 2) + (ha + wa).reshape(nh, hq * wq, na)
+
+
+def init_agent_biases(
+    module: nn.Module,
+    num_heads: int,
+    num_agents: int,
+    key_size: int | Sequence[int],
+    query_size: int | Sequence[int],
+    std: float = 0.02,
+) -> None:
+    """Register the six official agent-bias parameters on ``module`` (official names and shapes:
+    ``an_bias``, ``na_bias`` ``[heads, A, 7, 7]``, ``ah_bias [1, heads, A, Hk, 1]``, ``aw_bias
+    [1, heads, A, 1, Wk]``, ``ha_bias [1, heads, Hq, 1, A]``, ``wa_bias [1, heads, 1, Wq, A]``),
+    truncated-normal initialised with ``std`` like the official code."""
+    hk, wk = _pair(key_size, "key_size")
+    hq, wq = _pair(query_size, "query_size")
+    shapes = {
+        "an_bias": (num_heads, num_agents, 7, 7),
+        "na_bias": (num_heads, num_agents, 7, 7),
+        "ah_bias": (1, num_heads, num_agents, hk, 1),
+        "aw_bias": (1, num_heads, num_agents, 1, wk),
+        "ha_bias": (1, num_heads, hq, 1, num_agents),
+        "wa_bias": (1, num_heads, 1, wq, num_agents),
+    }
+    for name, shape in shapes.items():
+        p = nn.Parameter(torch.zeros(shape))
+        trunc_normal_(p, std=std)
+        module.register_parameter(name, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# depthwise-conv term
+
+
+def dwc_tokens(v: Tensor, size: int | Sequence[int], conv: nn.Module) -> Tensor:
+    """``conv`` (a depthwise ``nn.Conv2d``) over the ``H x W`` map of tokens ``v [B, H*W, C]``,
+    returned as ``[B, H*W, C]`` tokens.
+
+    The map is handed to the conv channels-last (one copy of ``v`` at most, none when ``v`` is
+    already contiguous) and the channels-last output is read back as tokens without a copy.
+    """
+    h, w = _pair(size, "size")
+    B, N, C = v.shape
+    if N != h * w:
+        raise ValueError(f"v: expected {h * w} tokens for size {(h, w)}, got {N}")
+    x = v.reshape(B, h, w, C).permute(0, 3, 1, 2)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return conv(x).permute(0, 2, 3, 1).reshape(B, N, C)

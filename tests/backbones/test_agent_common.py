@@ -1,0 +1,117 @@
+"""backbones/_agent.py: the shared agent-attention pieces against naive formulations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionattn.backbones import _agent
+
+
+def _naive_softmax_attn(q, k, v, bias, scale):
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("size,grid", [((7, 7), (3, 3)), ((10, 6), (4, 4)), ((5, 9), (2, 2))])
+def test_pool_agents_matches_adaptive_avg_pool(size, grid) -> None:
+    g = torch.Generator().manual_seed(0)
+    B, C = 2, 6
+    h, w = size
+    qkv = torch.randn(B, h * w, 3 * C, generator=g, dtype=torch.float64)
+    q = qkv[..., :C]  # strided view, as from a fused projection
+    got = _agent.pool_agents(q, size, grid)
+    ref = F.adaptive_avg_pool2d(q.reshape(B, h, w, C).permute(0, 3, 1, 2), grid)
+    ref = ref.flatten(2).transpose(1, 2)
+    assert got.shape == (B, grid[0] * grid[1], C)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_pool_agents_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="tokens"):
+        _agent.pool_agents(torch.zeros(1, 10, 4), (3, 3), (2, 2))
+    with pytest.raises(ValueError, match="num_agents"):
+        _agent.agent_grid(10)
+    with pytest.raises(ValueError, match="num_heads"):
+        _agent.split_heads(torch.zeros(1, 4, 6), 4)
+
+
+def test_agent_attention_matches_naive_softmax_forward_and_grad() -> None:
+    g = torch.Generator().manual_seed(1)
+    B, nh, N, M, A, d = 2, 3, 20, 12, 4, 5
+    q, k, v = (torch.randn(B, nh, n, d, generator=g, dtype=torch.float64) for n in (N, M, M))
+    agents = torch.randn(B, nh, A, d, generator=g, dtype=torch.float64)
+    ab = torch.randn(nh, A, M, generator=g, dtype=torch.float64)
+    qb = torch.randn(nh, N, A, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v, agents, ab, qb)]
+    scale = 0.37
+    got = _agent.agent_attention(q, k, v, agents, ab, qb, scale=scale)
+    ref = _naive_softmax_attn(q, agents, _naive_softmax_attn(agents, k, v, ab, scale), qb, scale)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn_like(ref)
+    g_got = torch.autograd.grad((got * w).sum(), leaves)
+    g_ref = torch.autograd.grad((ref * w).sum(), leaves)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+    # default scale is head_dim ** -0.5
+    torch.testing.assert_close(
+        _agent.agent_aggregate(agents, k, v),
+        _naive_softmax_attn(agents, k, v, None, d**-0.5),
+    )
+
+
+def test_split_merge_heads_roundtrip() -> None:
+    x = torch.randn(2, 7, 12)
+    h = _agent.split_heads(x, 3)
+    assert h.shape == (2, 3, 7, 4)
+    assert h.data_ptr() == x.data_ptr()
+    assert torch.equal(_agent.merge_heads(h), x)
+
+
+def _official_style_biases(m: nn.Module, size: tuple[int, int]):
+    """The official downstream construction: (ah + aw) and (ha + wa) resized jointly."""
+    nh, na = m.an_bias.shape[:2]
+    kb = F.interpolate(m.an_bias, size=size, mode="bilinear")
+    kb = kb + F.interpolate((m.ah_bias + m.aw_bias)[0], size=size, mode="bilinear")
+    qb = F.interpolate(m.na_bias, size=size, mode="bilinear").reshape(nh, na, -1).transpose(1, 2)
+    hw = (m.ha_bias + m.wa_bias)[0].permute(0, 3, 1, 2)
+    hw = F.interpolate(hw, size=size, mode="bilinear").reshape(nh, na, -1).transpose(1, 2)
+    return kb.reshape(nh, na, -1), qb + hw
+
+
+@pytest.mark.parametrize("size", [(6, 5), (6, 6), (11, 9), (3, 4)])
+def test_bias_construction_matches_joint_resize(size) -> None:
+    torch.manual_seed(2)
+    m = nn.Module()
+    _agent.init_agent_biases(m, num_heads=2, num_agents=4, key_size=(6, 5), query_size=(6, 5))
+    assert m.ah_bias.shape == (1, 2, 4, 6, 1) and m.wa_bias.shape == (1, 2, 1, 5, 4)
+    kb = _agent.agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, size)
+    qb = _agent.query_agent_bias(m.na_bias, m.ha_bias, m.wa_bias, size)
+    rk, rq = _official_style_biases(m, size)
+    assert kb.shape == (2, 4, size[0] * size[1]) and qb.shape == (2, size[0] * size[1], 4)
+    torch.testing.assert_close(kb, rk, rtol=0, atol=1e-6)
+    torch.testing.assert_close(qb, rq, rtol=0, atol=1e-6)
+
+
+def test_bias_at_trained_size_is_plain_sum() -> None:
+    torch.manual_seed(3)
+    m = nn.Module()
+    _agent.init_agent_biases(m, 2, 9, key_size=(4, 4), query_size=(8, 8))
+    kb = _agent.agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, (4, 4))
+    ref = F.interpolate(m.an_bias, size=(4, 4), mode="bilinear") + (m.ah_bias + m.aw_bias)[0]
+    assert torch.equal(kb, ref.reshape(2, 9, 16))
+
+
+def test_dwc_tokens_matches_nchw_conv() -> None:
+    torch.manual_seed(4)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    B, h, w = 2, 5, 7
+    qkv = torch.randn(B, h * w, 18)
+    v = qkv[..., 12:]
+    got = _agent.dwc_tokens(v, (h, w), conv)
+    ref = conv(v.transpose(1, 2).reshape(B, 6, h, w)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, ref)
