@@ -65,7 +65,7 @@ def na_case(
         os.environ.pop("VISIONATTN_NA_IMPL")
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
     tol = 2e-2 if dtype != torch.float32 else 1e-3
-    rows.append(
+    add(
         dict(
             check=name,
             dtype=str(dtype).split(".")[-1],
@@ -116,7 +116,7 @@ for topk in (1, 4, 49):
     finally:
         os.environ.pop("VISIONATTN_ROUTED_IMPL")
     e = max([rel(out, ref)] + [rel(a, b) for a, b in zip(gr, rg)])
-    rows.append(
+    add(
         dict(check=f"routed 28x28 nwin7 topk{topk}", dtype="bfloat16", max_rel_err=e, ok=e < 2e-2)
     )
 
@@ -135,7 +135,7 @@ for name in [n for n in visionattn.list_models() if n.startswith("test_")]:
     out.float().square().mean().backward()
     nograd = [n for n, p in mc.named_parameters() if p.grad is None]
     e = rel(out.float().cpu(), ref)
-    rows.append(
+    add(
         dict(
             check=f"model {name} bf16 fwd+bwd",
             dtype="bf16-autocast",
