@@ -77,23 +77,38 @@ def agent_grid(num_agents: int) -> tuple[int, int]:
 # agent tokens
 
 
+def _bins(n: int, g: int, device: torch.device) -> Tensor:
+    """``[g, n]`` 0/1 membership of adaptive-pooling bins ``floor(i*n/g) : ceil((i+1)*n/g)``."""
+    i = torch.arange(g, device=device)[:, None]
+    pos = torch.arange(n, device=device)[None, :]
+    return ((pos >= (i * n) // g) & (pos < ((i + 1) * n + g - 1) // g)).float()
+
+
+def _build_pool_matrix(
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    # tensor ops only, so torch.compile traces it without a graph break
+    member = torch.kron(_bins(size[0], grid[0], device), _bins(size[1], grid[1], device))
+    inv = 1.0 / member.sum(1, keepdim=True).double()
+    return member, inv
+
+
 @lru_cache(maxsize=64)
+def _cached_pool_matrix(
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    return _build_pool_matrix(size, grid, device)
+
+
 def _pool_matrix(
     size: tuple[int, int], grid: tuple[int, int], device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """0/1 bin-membership matrix ``[gh*gw, H*W]`` of adaptive average pooling and the float64
-    reciprocal bin sizes ``[gh*gw, 1]`` (bins ``floor(i*S/g) : ceil((i+1)*S/g)`` per axis)."""
-
-    def axis(n: int, g: int) -> Tensor:
-        m = torch.zeros(g, n)
-        for i in range(g):
-            m[i, (i * n) // g : -((-(i + 1) * n) // g)] = 1.0
-        return m
-
-    mh, mw = axis(size[0], grid[0]), axis(size[1], grid[1])
-    member = torch.kron(mh, mw)  # [gh*gw, H*W], agents and tokens both row-major
-    inv = 1.0 / member.sum(1, keepdim=True).double()
-    return member.to(device), inv.to(device)
+    """0/1 bin-membership matrix ``[gh*gw, H*W]`` of adaptive average pooling (agents and
+    tokens both row-major) and the float64 reciprocal bin sizes ``[gh*gw, 1]``; cached in
+    eager mode, rebuilt from tensor ops while compiling."""
+    if torch.compiler.is_compiling():
+        return _build_pool_matrix(size, grid, device)
+    return _cached_pool_matrix(size, grid, device)
 
 
 def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[int]) -> Tensor:
