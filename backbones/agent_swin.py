@@ -794,7 +794,7 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
         "classifier": "head.fc",
-        "license": "mit",
+        "license": "unknown",  # the official repository states no license
         "paper_ids": "arXiv:2312.08874",
         "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
         **kwargs,
