@@ -140,6 +140,7 @@ def run_sweep(seed: int, count: int, small: bool, device: str, dtypes: list[torc
 _CHUNKS = 4
 _PER_CHUNK = 52  # 208 configs per CI run
 _PARALLEL = 2  # CI has 2 cores: two single-threaded interpreter workers per test
+_GPU_CONFIGS = 1050
 
 
 @pytest.mark.parametrize("pair", range(_CHUNKS // _PARALLEL))
@@ -169,8 +170,33 @@ def test_triton_interpreter_sweep(pair):
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_triton_gpu_sweep():
-    dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    failures = run_sweep(2024, 1050, small=False, device="cuda", dtypes=dtypes)
+    """>= 1000 random configs (fp32/fp16/bf16) on CUDA against the reference.
+
+    Every config is a fresh kernel specialisation, so the time goes into Triton's compiler
+    (one CPU core per process): the sweep runs in parallel worker processes.
+    """
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    per = -(-_GPU_CONFIGS // workers)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(_FILE), str(c), str(per), "cuda"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for c in range(workers)
+    ]
+    failures, checked = [], 0
+    for c, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"worker {c}: {err[-4000:]}"
+        result = json.loads(out.strip().splitlines()[-1])
+        checked += result["checked"]
+        failures += result["failures"]
+    assert checked >= _GPU_CONFIGS
     assert not failures, json.dumps(failures[:10], indent=1)
 
 
@@ -221,8 +247,12 @@ def test_triton_gpu_model_shapes(name, cfg, dtype):
     assert err is None, err
 
 
-if __name__ == "__main__":  # worker for the interpreter sweep (TRITON_INTERPRET=1 set)
+if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_INTERPRET=1 is set
     chunk, count = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
-    fails = run_sweep(1000 + chunk, count, small=True, device="cpu", dtypes=[torch.float32])
+    if sys.argv[3:] == ["cuda"]:
+        dts = [torch.float32, torch.float16, torch.bfloat16]
+        fails = run_sweep(2024 + chunk, count, small=False, device="cuda", dtypes=dts)
+    else:
+        fails = run_sweep(1000 + chunk, count, small=True, device="cpu", dtypes=[torch.float32])
     print(json.dumps(dict(checked=count, failures=fails)))

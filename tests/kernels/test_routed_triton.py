@@ -46,11 +46,39 @@ def test_interpreter_suite():
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_sweep():
-    """Compiled kernels on CUDA vs the float32 reference, 160 random configs."""
-    rng = random.Random(2024)
+    """Compiled kernels on CUDA vs the float32 reference, 320 random configs.
+
+    Each config compiles its own specialisations, so parallel worker processes share the
+    compile time (one CPU core each).
+    """
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    per = -(-_GPU_CONFIGS // workers)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(c), str(per)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in range(workers)
+    ]
+    for c, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"worker {c}:\n{(out + err)[-4000:]}"
+        assert out.strip().splitlines()[-1] == f"checked {per}", out[-2000:]
+
+
+_GPU_CONFIGS = 320
+
+
+def _gpu_sweep_chunk(chunk: int, count: int) -> None:
+    rng = random.Random(2024 + chunk)
     import visionattn.kernels.routed_triton as tri
 
-    for i in range(160):
+    for i in range(count):
         q, k, v, idx, tiles, scale = cases._case(rng, small=i % 2 == 0, device="cuda")
         try:
             cases._check_case(
@@ -61,6 +89,7 @@ def test_gpu_sweep():
                 f"config {i}: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} "
                 f"idx{tuple(idx.shape)} tiles={tiles} {q.dtype}\n{e}"
             ) from e
+    print(f"checked {count}")
 
 
 @pytest.mark.gpu
@@ -131,3 +160,7 @@ def test_gpu_compile_fullgraph():
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-2)
     for a, t in zip(got, (q, k, v)):
         torch.testing.assert_close(a, t.grad, rtol=1e-2, atol=1e-2)
+
+
+if __name__ == "__main__":  # GPU sweep worker: chunk count
+    _gpu_sweep_chunk(int(sys.argv[1]), int(sys.argv[2]))
