@@ -49,9 +49,12 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
+from torchvision.ops import deform_conv2d
 
 import visionattn.kernels as _kernels
 from visionattn.backbones._convert import build_converted, head_classes
+from visionattn.backbones._layers import inplace_act as _act
+from visionattn.backbones._layers import linear_tokens as _linear
 
 # official family names visionattn.convert.from_official routes here
 OFFICIAL_FAMILIES = ("litv2",)
@@ -130,8 +133,10 @@ class HiLo(nn.Module):
         B, H, W, C = x.shape
         q = self.l_q(x).view(B, H * W, self.l_heads, self.head_dim).transpose(1, 2)
         if self.ws > 1:
-            # average pooling through a channels-last NCHW view: result is NHWC-contiguous
-            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.ws, self.ws).permute(0, 2, 3, 1)
+            # window means as one reduction over a view of the tokens (measured on H200: the
+            # channels-last avg_pool2d kernel reads at a fraction of the bandwidth)
+            s = self.ws
+            pooled = x.view(B, H // s, s, W // s, s, C).mean(dim=(2, 4))
         else:
             pooled = x
         n = pooled.shape[1] * pooled.shape[2]
@@ -180,11 +185,11 @@ class ConvMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
+        x = _linear(x, self.fc1)
         # the depthwise conv reads a channels-last NCHW view of the tokens (no copy)
         x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = self.drop1(self.act(x))
-        return self.drop2(self.fc2(x))
+        x = self.drop1(_act(self.act, x))
+        return self.drop2(_linear(x, self.fc2))
 
 
 class ConvFFNBlock(nn.Module):
@@ -288,8 +293,11 @@ class DeformConv2x2(nn.Module):
         offset = self.conv_offset(x)
         if self.impl == "sample" and x.shape[-2] > 1 and x.shape[-1] > 1:
             return _sampled_deform_conv(x, offset, self.weight, self.bias)
-        from torchvision.ops import deform_conv2d
-
+        if torch.is_autocast_enabled(x.device.type):
+            # float32 under autocast, as the official extension ran (apex float_function);
+            # torchvision has no autocast rule for CPU
+            with torch.autocast(x.device.type, enabled=False):
+                return deform_conv2d(x.float(), offset.float(), self.weight, self.bias, stride=2)
         return deform_conv2d(x, offset, self.weight, self.bias, stride=2)
 
 

@@ -69,6 +69,14 @@ FAMILY_INFO: dict[str, dict[str, str]] = {
         license="MIT",
         attention="none (focal modulation: depth-wise convolutions and gating)",
     ),
+    "litv2": dict(
+        paper="Fast Vision Transformers with HiLo Attention (Pan et al., NeurIPS 2022)",
+        arxiv="2205.13213",
+        code="https://github.com/ziplab/LITv2",
+        license="Apache-2.0",
+        attention="HiLo: Hi-Fi windows on `visionattn.kernels.na2d` (kernel=stride=window), "
+        "Lo-Fi on `F.scaled_dot_product_attention` over pooled keys",
+    ),
 }
 
 
