@@ -112,8 +112,12 @@ def cmd_convert(argv: list[str]) -> int:
         "(config.json + model.safetensors) that timm.create_model('local-dir:<out>') loads.",
     )
     src = p.add_mutually_exclusive_group(required=True)
+    from visionattn.convert import OFFICIAL_FAMILIES
+
     src.add_argument(
-        "--family", help="official family: nat, dinat, biformer, focalnet, efficientvit"
+        "--family",
+        choices=sorted(OFFICIAL_FAMILIES),
+        help="official family whose checkpoint this is",
     )
     src.add_argument("--timm-model", help="timm model name whose checkpoint this is")
     p.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
