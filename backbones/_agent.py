@@ -46,6 +46,7 @@ __all__ = [
     "agent_aggregate",
     "agent_attention",
     "agent_broadcast",
+    "AutocastLayerNorm",
     "agent_grid",
     "agent_key_bias",
     "dwc_tokens",
@@ -249,6 +250,29 @@ def resize_axis(x: Tensor, dim: int, size: int) -> Tensor:
     return t.reshape(*lead, size).movedim(-1, dim)
 
 
+def _build_interp_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    eye = torch.eye(n_in, device=device)[None]
+    return F.interpolate(eye, size=n_out, mode="linear")[0].t().contiguous()  # [n_out, n_in]
+
+
+@lru_cache(maxsize=128)
+def _cached_interp_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    return _build_interp_matrix(n_in, n_out, device)
+
+
+def _bilinear(table: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(table, size, mode="bilinear")`` (align_corners=False) as two small
+    matmuls with the separable resize matrices (the same map; PyTorch's generic bilinear
+    kernel is slow on these many-channel tiny tables)."""
+    if torch.compiler.is_compiling():
+        get = _build_interp_matrix
+    else:
+        get = _cached_interp_matrix
+    rh = get(table.shape[-2], size[0], table.device).to(table.dtype)
+    rw = get(table.shape[-1], size[1], table.device).to(table.dtype)
+    return torch.matmul(torch.matmul(rh, table), rw.t())
+
+
 def agent_key_bias(
     an_bias: Tensor, ah_bias: Tensor, aw_bias: Tensor, size: int | Sequence[int]
 ) -> Tensor:
@@ -260,7 +284,7 @@ def agent_key_bias(
     """
     hk, wk = _pair(size, "size")
     nh, na = an_bias.shape[:2]
-    an = F.interpolate(an_bias, size=(hk, wk), mode="bilinear")
+    an = _bilinear(an_bias, (hk, wk))
     ah = resize_axis(ah_bias, 3, hk).reshape(nh, na, hk, 1)
     aw = resize_axis(aw_bias, 4, wk).reshape(nh, na, 1, wk)
     return (an + (ah + aw)).reshape(nh, na, hk * wk)
@@ -277,7 +301,7 @@ def query_agent_bias(
     """
     hq, wq = _pair(size, "size")
     nh, na = na_bias.shape[:2]
-    nab = F.interpolate(na_bias, size=(hq, wq), mode="bilinear").reshape(nh, na, hq * wq)
+    nab = _bilinear(na_bias, (hq, wq)).reshape(nh, na, hq * wq)
     ha = resize_axis(ha_bias, 2, hq).reshape(nh, hq, 1, na)
     wa = resize_axis(wa_bias, 3, wq).reshape(nh, 1, wq, na)
     return nab.transpose(1, 2) + (ha + wa).reshape(nh, hq * wq, na)
@@ -329,3 +353,24 @@ def dwc_tokens(v: Tensor, size: int | Sequence[int], conv: nn.Module) -> Tensor:
     x = v.reshape(B, h, w, C).permute(0, 3, 1, 2)
     x = x.contiguous(memory_format=torch.channels_last)
     return conv(x).permute(0, 2, 3, 1).reshape(B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization
+
+
+class AutocastLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that, under CUDA autocast, runs in
+    the autocast dtype instead of autocast's float32 policy: input, weight and bias are cast to
+    it and the output stays in it (statistics are still accumulated in float32 by the kernel),
+    as timm's ``fast_norm`` does. Saves a float32 output and the cast before the next linear,
+    which casts to that dtype anyway. Outside autocast it is plain ``nn.LayerNorm``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            dt = torch.get_autocast_dtype("cuda")
+            with torch.autocast("cuda", enabled=False):
+                w = None if self.weight is None else self.weight.to(dt)
+                b = None if self.bias is None else self.bias.to(dt)
+                return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+        return super().forward(x)

@@ -67,7 +67,7 @@ class _SpatialReduction(nn.Module):
     def __init__(self, dim: int, sr_ratio: int) -> None:
         super().__init__()
         self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = _agent.AutocastLayerNorm(dim)
 
     def forward(
         self, x: torch.Tensor, size: tuple[int, int]
@@ -170,7 +170,7 @@ class SRAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
+            self.norm = _agent.AutocastLayerNorm(dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
@@ -209,7 +209,7 @@ class AgentPVTBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         if attn_type == "A":
             self.attn: nn.Module = AgentAttention(
                 dim, num_heads, bias_size, agent_num, sr_ratio, qkv_bias, attn_drop, proj_drop
@@ -221,7 +221,7 @@ class AgentPVTBlock(nn.Module):
         else:
             raise ValueError(f"attn_type: stage letters must be 'A' or 'B', got {attn_type!r}")
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -236,6 +236,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        # plain LayerNorm: its float32 output starts the stage's residual stream, as officially
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -264,7 +264,7 @@ class AgentSwinBlock(nn.Module):
         # the official rule: a map that fits in the window is one unshifted window
         if min(resolution) <= window_size:
             shift_size, window_size = 0, min(resolution)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = _agent.AutocastLayerNorm(dim)
         if attn_type == "A":
             self.attn: nn.Module = AgentAttention(
                 dim, num_heads, (window_size, window_size), agent_num, qkv_bias, attn_drop,
@@ -282,7 +282,7 @@ class AgentSwinBlock(nn.Module):
         else:
             raise ValueError(f"attn_type: must be 'A' or 'B', got {attn_type!r}")
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = _agent.AutocastLayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -300,6 +300,7 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        # plain LayerNorm: its float32 output starts the residual stream, as in the official model
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +318,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = _agent.AutocastLayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -491,7 +492,7 @@ class AgentSwinTransformer(nn.Module):
             self.feature_info.append(
                 dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}")
             )
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = _agent.AutocastLayerNorm(self.num_features)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
             input_fmt="NHWC",

@@ -103,7 +103,7 @@ def test_bias_at_trained_size_is_plain_sum() -> None:
     _agent.init_agent_biases(m, 2, 9, key_size=(4, 4), query_size=(8, 8))
     kb = _agent.agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, (4, 4))
     ref = F.interpolate(m.an_bias, size=(4, 4), mode="bilinear") + (m.ah_bias + m.aw_bias)[0]
-    assert torch.equal(kb, ref.reshape(2, 9, 16))
+    torch.testing.assert_close(kb, ref.reshape(2, 9, 16), rtol=0, atol=1e-7)
 
 
 def test_dwc_tokens_matches_nchw_conv() -> None:
@@ -115,3 +115,12 @@ def test_dwc_tokens_matches_nchw_conv() -> None:
     got = _agent.dwc_tokens(v, (h, w), conv)
     ref = conv(v.transpose(1, 2).reshape(B, 6, h, w)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(got, ref)
+
+
+def test_autocast_layer_norm_is_layer_norm_outside_cuda_autocast() -> None:
+    torch.manual_seed(5)
+    ln = _agent.AutocastLayerNorm(8, eps=1e-6)
+    ref = nn.LayerNorm(8, eps=1e-6)
+    ref.load_state_dict(ln.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(ln(x), ref(x))
