@@ -250,17 +250,24 @@ def _sampled_deform_conv(
     B, _, H, W = x.shape
     k = weight.shape[-1]
     Ho, Wo = offset.shape[-2:]
-    off = offset.view(B, k, k, 2, Ho, Wo).permute(0, 4, 1, 5, 2, 3).reshape(B, Ho * k, Wo * k, 2)
-    rows = torch.arange(Ho * k, device=x.device, dtype=off.dtype).view(1, -1, 1)
-    cols = torch.arange(Wo * k, device=x.device, dtype=off.dtype).view(1, 1, -1)
+    # sampling positions in at least float32 (a half-precision coordinate near pixel 50 is
+    # only good to 0.25 px); the image is sampled in the same precision, as torchvision does
+    ct = torch.promote_types(torch.promote_types(x.dtype, offset.dtype), torch.float32)
+    off = offset.to(ct).view(B, k, k, 2, Ho, Wo).permute(0, 4, 1, 5, 2, 3)
+    off = off.reshape(B, Ho * k, Wo * k, 2)
+    rows = torch.arange(Ho * k, device=x.device, dtype=ct).view(1, -1, 1)
+    cols = torch.arange(Wo * k, device=x.device, dtype=ct).view(1, 1, -1)
     # align_corners=True maps -1/1 to the first/last pixel centre: pixel p -> 2p/(size-1) - 1
     gx = (off[..., 1] + cols) * (2.0 / (W - 1)) - 1.0
     gy = (off[..., 0] + rows) * (2.0 / (H - 1)) - 1.0
     grid = torch.stack((gx, gy), dim=-1)
     samples = F.grid_sample(
-        x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True
+        x.to(ct), grid, mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    return F.conv2d(samples, weight.to(samples.dtype), bias, stride=k)
+    # the conv follows autocast like any conv; outside autocast it runs in x's dtype
+    if not torch.is_autocast_enabled(x.device.type):
+        samples = samples.to(x.dtype)
+    return F.conv2d(samples, weight, bias, stride=k)
 
 
 class DeformConv2x2(nn.Module):
@@ -293,12 +300,14 @@ class DeformConv2x2(nn.Module):
         offset = self.conv_offset(x)
         if self.impl == "sample" and x.shape[-2] > 1 and x.shape[-1] > 1:
             return _sampled_deform_conv(x, offset, self.weight, self.bias)
-        if torch.is_autocast_enabled(x.device.type):
-            # float32 under autocast, as the official extension ran (apex float_function);
-            # torchvision has no autocast rule for CPU
-            with torch.autocast(x.device.type, enabled=False):
-                return deform_conv2d(x.float(), offset.float(), self.weight, self.bias, stride=2)
-        return deform_conv2d(x, offset, self.weight, self.bias, stride=2)
+        # At least float32 with autocast off, as the official extension ran (apex
+        # float_function); torchvision has no CPU autocast rule nor a bfloat16 CPU kernel.
+        ct = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            y = deform_conv2d(
+                x.to(ct), offset.to(ct), self.weight.to(ct), self.bias.to(ct), stride=2
+            )
+        return y.to(x.dtype)
 
 
 class DeformableTokenMerging(nn.Module):

@@ -237,6 +237,25 @@ def test_deform_impls_agree(hw: tuple[int, int]) -> None:
         assert (a - b).abs().max().item() <= 1e-3 * max(1.0, a.abs().max().item())
 
 
+def test_deform_impls_under_bf16_autocast() -> None:
+    """Under autocast both paths sample at float32 positions (a bf16 coordinate near pixel 60
+    is only good to 0.25 px): outputs stay within bf16 conv rounding of the float32 result."""
+    torch.manual_seed(0)
+    tv = litv2.DeformConv2x2(8, 16)
+    tv.conv_offset.weight.data.normal_(0, 0.3)
+    sm = litv2.DeformConv2x2(8, 16, impl="sample")
+    sm.load_state_dict(tv.state_dict())
+    x = torch.randn(1, 8, 64, 64)
+    with torch.no_grad():
+        ref = tv(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [tv(x), sm(x)]
+    scale = ref.abs().max().item()
+    for y in outs:
+        assert y.shape == ref.shape
+        assert (y.float() - ref).abs().max().item() <= 0.02 * scale
+
+
 def test_dtm_zero_offsets_is_a_plain_conv() -> None:
     """Freshly built (official init: zero offsets) DTM conv equals a 2x2 stride-2 conv."""
     torch.manual_seed(0)
