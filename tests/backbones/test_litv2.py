@@ -362,3 +362,23 @@ def test_parity_official_cuda(
     assert err <= TOL and max(errs) <= TOL, (err, errs)
     scale = t["output"].abs().max().item()
     assert (logits_bf16 - t["output"]).abs().max().item() <= 0.05 * scale + 1e-2
+
+
+def test_dense_norms_from_classification_checkpoint(tmp_path: Path) -> None:
+    """A classification checkpoint loads into the detection layout with fresh out norms on
+    stages 1-3 (stage 0 has none, as the official dense-prediction backbone)."""
+    src = timm.create_model("test_litv2").eval()
+    path = tmp_path / "cls.pth"
+    torch.save(src.state_dict(), path)
+    model = timm.create_model(
+        "test_litv2", features_only=True, dense_norms=True, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        feats = model(x)
+        ref = src.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+    assert len(feats) == len(ref) == 4
+    for i, (f, r) in enumerate(zip(feats, ref)):
+        want = r if i == 0 else F.layer_norm(r, r.shape[-1:])
+        assert (f - want.permute(0, 3, 1, 2)).abs().max() <= TOL
