@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.visionattn-installed
 
-.PHONY: setup run test lint gpu-test
+.PHONY: setup setup-mm run test lint gpu-test
 
 setup: $(STAMP)
 
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -c "import torch, torchvision, timm, visionattn; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 	touch $(STAMP)
+
+# mmdet/mmseg stack for visionattn.mm (README, "Detection and segmentation"): builds mmcv's
+# ops once into ~/.cache/visionattn/wheels (VISIONATTN_CACHE) and reuses the wheel after that.
+MM_STAMP := $(VENV)/.visionattn-mm-installed
+setup-mm: $(MM_STAMP)
+
+$(MM_STAMP): $(STAMP) tools/install_mm.sh
+	tools/install_mm.sh $(BIN)/python
+	touch $(MM_STAMP)
 
 run: setup
 	$(BIN)/visionattn train $(ARGS)
