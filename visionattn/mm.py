@@ -386,9 +386,9 @@ class VisionAttnBackbone(BaseModule):
     ) -> dict[str, list[str]]:
         """Load a checkpoint (see the module docstring) with every key accounted for.
 
-        The family's ``checkpoint_filter_fn`` maps it onto the whole classification model
-        (same kwargs), which must then match key for key except for per-output norms the
-        checkpoint lacks and a classifier it lacks. Returns (and stores as ``load_report``)
+        The family's ``checkpoint_filter_fn`` maps it onto the whole model (same kwargs); it
+        must then hold every tensor the backbone keeps (per-output norms may be new) and
+        nothing the whole model has no place for. Returns (and stores as ``load_report``)
         ``loaded`` (backbone tensors taken from the checkpoint), ``new`` (per-output norms not
         in the checkpoint: fresh init), ``dropped`` (checkpoint tensors outside the backbone:
         classifier head, final norm, stages after the last output) and ``resized``
@@ -423,13 +423,24 @@ class VisionAttnBackbone(BaseModule):
             if k.startswith(norms) and k in sd and torch.equal(sd[k], full_sd[k])
         }  # fmt: skip
         classifier = _classifier_prefixes(full)
-        missing = [k for k in full_sd if k not in sd and not k.startswith(norms)]
-        missing = [k for k in missing if not k.startswith(classifier)]
+        # what the backbone needs: every tensor it keeps (the parts pruned away -- classifier,
+        # final norm, later stages -- may be absent, e.g. from a detection checkpoint)
+        missing = [k for k in target if k not in sd and not k.startswith(norms)]
         extra = [k for k in sd if k not in full_sd]
         if len(set(raw) & set(full_sd)) * 2 >= len(raw):
             # a checkpoint in the model's own naming: what the filter discarded is accounted
             # for by name too (a classifier, a replaced final norm, a recomputed buffer)
             extra += [k for k in raw if k not in sd]
+        if self.model_kwargs.get(_MODEL_OUT_NORMS):
+            # The family filter maps a classification checkpoint into the per-output-norm
+            # layout by leaving out its classifier and final norm; map it into the
+            # classification layout too, so that those are accounted for (as dropped).
+            cls_kwargs = {k: v for k, v in self.model_kwargs.items() if k != _MODEL_OUT_NORMS}
+            torch_state = torch.random.get_rng_state()
+            full_cls = timm.create_model(self.model_name, pretrained=False, **cls_kwargs)
+            torch.random.set_rng_state(torch_state)
+            cls_sd = filter_fn(dict(raw), full_cls) if filter_fn is not None else raw
+            extra += [k for k in cls_sd if k not in sd and k not in extra]
         dropped_extra = [k for k in extra if _droppable(k, full, full_sd, classifier)]
         unknown = sorted(set(extra) - set(dropped_extra))
         if missing or unknown:

@@ -523,3 +523,79 @@ def test_transposed_fpn_levels() -> None:
         [16, 24, 32], 8, num_outs=5, num_extra_trans_convs=1, add_extra_convs="on_input"
     )
     assert [o.shape[-1] for o in neck(tuple(feats))] == [32, 16, 8, 4, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# official checkpoints (parity vectors: official state dicts, inputs and stage features)
+
+
+@pytest.mark.parametrize(
+    "stem, family", [("nat_mini_reduced", "nat"), ("dinat_mini_reduced", "dinat"),
+                     ("biformer_tiny_reduced", "biformer")],
+)  # fmt: skip
+def test_official_checkpoint_through_init_cfg(
+    parity_path: pathlib.Path, tmp_path: pathlib.Path, stem: str, family: str
+) -> None:
+    """An official classification checkpoint (official key names, wrapped as the official
+    training scripts save it) loads through init_cfg into the detection layout: every official
+    tensor is loaded or dropped (classifier, final norm), the per-output norms are new, and the
+    outputs are the official stage features through those fresh norms."""
+    from safetensors.torch import load_file
+
+    from visionattn.backbones import biformer, nat
+
+    st = parity_path / f"{stem}.safetensors"
+    if not st.is_file():
+        pytest.skip(f"parity vector {st} not found")
+    t = load_file(str(st))
+    meta = json.loads((parity_path / f"{stem}.json").read_text())
+    sd = {k[len("state_dict.") :]: v for k, v in t.items() if k.startswith("state_dict.")}
+    mod = biformer if family == "biformer" else nat
+    name, args = mod.official_model_args(sd, meta["constructor_kwargs"])
+    args.pop("num_classes")
+    torch.save({"model": sd}, tmp_path / "official.pth")
+    bb = vmm.VisionAttnBackbone(
+        name, model_kwargs=args, downstream="det",
+        init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "official.pth")),
+    )  # fmt: skip
+    bb.init_weights()
+    rep = bb.load_report
+    own = bb.model.state_dict()
+    assert set(rep["loaded"]) | set(rep["new"]) == set(own)
+    assert rep["new"] and all(k.startswith("dense_norms.") for k in rep["new"])
+    # every official tensor is loaded or dropped (one-to-one renames), head and final norm dropped
+    assert len(rep["loaded"]) + len(rep["dropped"]) == len(sd)
+    assert {k.split(".")[0] for k in rep["dropped"]} == {"head", "norm"}
+    assert any(k.startswith("head.") for k in rep["dropped"])
+    bb.eval()
+    with torch.no_grad():
+        feats = bb(t["input"])
+    assert len(feats) == len(meta["features"])
+    for f, fm in zip(feats, meta["features"]):
+        ref = t[fm["key"]]
+        if fm["layout"] == "NHWC":
+            ref = ref.permute(0, 3, 1, 2)
+        eps = bb.model.dense_norms[int(fm["key"].split(".")[1])].eps
+        ref = torch.nn.functional.layer_norm(ref.permute(0, 2, 3, 1), ref.shape[1:2], eps=eps)
+        ref = ref.permute(0, 3, 1, 2)
+        assert (f - ref).abs().max().item() <= 1e-4, fm["module"]
+
+
+def test_adapter_checkpoint_round_trip(tmp_path: pathlib.Path) -> None:
+    """A trained model's checkpoint (``backbone.model.*`` and the adapter's
+    ``backbone.out_norms.*``, as mmdet saves it) loads back into the backbone completely."""
+    a = vmm.VisionAttnBackbone("test_va_focalnet", downstream="det")
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    ckpt = {"meta": {}, "state_dict": {f"backbone.{k}": v for k, v in a.state_dict().items()}}
+    ckpt["state_dict"]["neck.lateral_convs.0.conv.weight"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "det.pth")
+    b = vmm.VisionAttnBackbone("test_va_focalnet", downstream="det")
+    b.load_pretrained(str(tmp_path / "det.pth"))
+    assert not b.load_report["new"] and not b.load_report["resized"]
+    assert set(b.load_report["loaded"]) == {
+        k.removeprefix("model.") for k in a.state_dict() if k.startswith("model.")
+    } | {k for k in a.state_dict() if k.startswith("out_norms.")}
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
