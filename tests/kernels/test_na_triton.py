@@ -124,7 +124,9 @@ def check_config(cfg: dict, dtype: torch.dtype, device: str, seed: int) -> str |
     return "; ".join(errs) or None
 
 
-def run_sweep(seed: int, count: int, small: bool, device: str, dtypes: list[torch.dtype]) -> list:
+def run_sweep(
+    seed: int, count: int, small: bool, device: str, dtypes: list[torch.dtype], log=None
+) -> list:
     rng = random.Random(seed)
     failures = []
     for i in range(count):
@@ -133,6 +135,8 @@ def run_sweep(seed: int, count: int, small: bool, device: str, dtypes: list[torc
         err = check_config(cfg, dtype, device, seed * 100003 + i)
         if err:
             failures.append(dict(cfg=cfg, dtype=str(dtype), err=err))
+        if log is not None:  # progress survives a worker that is cut off
+            print(f"config {i} {'FAIL ' + err if err else 'ok'}", file=log, flush=True)
     return failures
 
 
@@ -252,7 +256,9 @@ if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_IN
     torch.set_num_threads(1)
     if sys.argv[3:] == ["cuda"]:
         dts = [torch.float32, torch.float16, torch.bfloat16]
-        fails = run_sweep(2024 + chunk, count, small=False, device="cuda", dtypes=dts)
+        fails = run_sweep(
+            2024 + chunk, count, small=False, device="cuda", dtypes=dts, log=sys.stderr
+        )
     else:
         fails = run_sweep(1000 + chunk, count, small=True, device="cpu", dtypes=[torch.float32])
     print(json.dumps(dict(checked=count, failures=fails)))
