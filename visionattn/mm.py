@@ -16,11 +16,11 @@ The backbone builds ``timm.create_model(model_name, **model_kwargs)``, keeps the
 requested outputs need (``prune_intermediate_layers``) and returns the NCHW feature maps of
 ``out_indices`` (indices into the model's ``feature_info``) from ``forward_intermediates``.
 
-Per-output norms: the official detection/segmentation backbones of NAT/DiNAT, BiFormer and
-FocalNet normalize every returned map with its own LayerNorm (and drop the classifier's final
-norm). NAT/DiNAT and BiFormer build those norms themselves (``dense_norms=True``, set by
-``downstream``); for FocalNet the adapter adds them (``out_norms``, parameters
-``out_norms.<i>``). Families without an official downstream backbone return the raw stage maps
+Per-output norms: the official detection/segmentation backbones of NAT/DiNAT, BiFormer, LITv2,
+FocalNet and Agent-Swin normalize the returned maps with their own LayerNorms (and drop the
+classifier's final norm). NAT/DiNAT, BiFormer and LITv2 build those norms themselves
+(``dense_norms=True``, set by ``downstream``); for FocalNet and Agent-Swin the adapter adds them
+(``out_norms``, parameters ``out_norms.<i>``). Families without an official downstream backbone return the raw stage maps
 unless ``out_norms=True``.
 
 Pretrained weights: ``init_cfg=dict(type="Pretrained", checkpoint=...)`` where ``checkpoint``
@@ -65,6 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the mm ext
 
 __all__ = [
     "DOWNSTREAM_KWARGS",
+    "NOT_YET_SUPPORTED",
     "TransposedFPN",
     "VisionAttnBackbone",
     "downstream_kwargs",
@@ -118,13 +119,37 @@ DOWNSTREAM_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # EfficientViT (microsoft/Cream EfficientViT/downstream): the classification model as is.
     "efficientvit": {"det": {}, "seg": {}},
+    # LITv2 (ziplab/LITv2 detection / segmentation): the classification settings (alpha,
+    # local windows; HiLo pads to its window by itself) with out norms on stages 1-3.
+    "litv2": {"det": dict(dense_norms=True), "seg": dict(dense_norms=True)},
+    # Agent attention (LeapLabTHU/Agent-Attention downstream/): Agent-Swin adds norm{i} per
+    # output (adapter), Agent-PVT none. Their downstream `downstream_agent_shapes` (more agent
+    # tokens for larger maps) is not a constructor argument of backbones/agent_*.py yet: see
+    # NOT_YET_SUPPORTED.
+    "agent_swin": {"det": {}, "seg": {}},
+    "agent_pvt": {"det": {}, "seg": {}},
     # No official downstream backbone: the classification model as is.
+    "agent_cswin": {"det": {}, "seg": {}},
     "maxvit": {"det": {}, "seg": {}},
     "halonet": {"det": {}, "seg": {}},
 }
 
+#: official downstream settings the backbones cannot express yet (family -> task -> kwargs)
+NOT_YET_SUPPORTED: dict[str, dict[str, dict[str, Any]]] = {
+    # downstream/detection|segmentation configs: agents pooled to these grids per stage, the
+    # agent biases bilinearly resized along the agent axis to match
+    "agent_swin": {
+        "det": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
+        "seg": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
+    },
+    "agent_pvt": {
+        "det": dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]),
+        "seg": dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]),
+    },
+}
+
 # families whose official downstream backbone adds a norm per output in the adapter
-_ADAPTER_OUT_NORMS = {"focalnet"}
+_ADAPTER_OUT_NORMS = {"focalnet", "agent_swin"}
 # model-built per-output norms (module name inside the model)
 _MODEL_OUT_NORMS = "dense_norms"
 
