@@ -39,7 +39,7 @@ PATCH_REV=1 # bump when the patches change: invalidates cached wheels
 CACHE=${VISIONATTN_CACHE:-$HOME/.cache/visionattn}
 
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
-read -r TORCH_VER PYTAG TORCH_CUDA HAS_GPU < <("$PY" -c "import sys, torch; print(torch.__version__.split('+')[0], f'cp{sys.version_info[0]}{sys.version_info[1]}', torch.version.cuda or 'none', int(torch.cuda.is_available()))")
+read -r TORCH_VER PYTAG TORCH_CUDA HAS_GPU < <("$PY" -c "import sys, torch; print(torch.__version__.replace('+', '_'), f'cp{sys.version_info[0]}{sys.version_info[1]}', torch.version.cuda or 'none', int(torch.cuda.is_available()))")
 if [[ -z "${FORCE_CUDA:-}" ]]; then
   # As mmcv's own setup.py decides: CUDA ops only where a GPU is visible (and nvcc exists).
   if command -v nvcc >/dev/null 2>&1 && [[ "$HAS_GPU" == 1 ]]; then FORCE_CUDA=1; else FORCE_CUDA=0; fi
@@ -80,7 +80,7 @@ text = text.replace("-std=c++17", "-std=c++20").replace("/std:c++17", "/std:c++2
 open(path, "w").write(text)
 EOF
   # ninja compiles MAX_JOBS files at once (without it the extension builds one file at a time).
-  "$PY" -m pip install -q ninja packaging
+  "$PY" -m pip install -q ninja packaging "setuptools>=69"
   export PATH="$(dirname "$PY"):$PATH"
   (cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA=$FORCE_CUDA MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     nice -n "${MM_NICE:-0}" "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" .)
@@ -120,7 +120,7 @@ import pathlib
 
 path = pathlib.Path(importlib.util.find_spec("mmengine").origin).parent / "utils/package_utils.py"
 text = path.read_text()
-if "pkg_resources" in text:
+if "from pkg_resources" in text or "import pkg_resources" in text:
     swaps = [
         (
             "    import pkg_resources\n    from pkg_resources import get_distribution\n\n"
@@ -150,7 +150,7 @@ if "pkg_resources" in text:
     for old, new in swaps:
         assert old in text, f"mmengine package_utils.py: expected text not found: {old[:60]!r}"
         text = text.replace(old, new)
-    assert "pkg_resources" not in text.replace("# pkg_resources will be imported", "")
+    assert "from pkg_resources" not in text and "import pkg_resources" not in text
     path.write_text(text)
     print(f"[install_mm] patched {path}: importlib.metadata instead of pkg_resources")
 EOF

@@ -610,3 +610,20 @@ def test_adapter_checkpoint_round_trip(tmp_path: pathlib.Path) -> None:
     } | {k for k in a.state_dict() if k.startswith("out_norms.")}
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_install_patches_in_effect(tmp_path: pathlib.Path) -> None:
+    """tools/install_mm.sh's mmengine patches: its checkpoints (meta with non-tensor objects)
+    load under torch >= 2.6, and `mmdet::` base configs resolve without pkg_resources."""
+    from mmengine.runner import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    meta = dict(epoch=3, hist=np.arange(4), cfg=Config(dict(a=1)))
+    save_checkpoint(dict(meta=meta, state_dict=model.state_dict()), str(tmp_path / "m.pth"))
+    other = torch.nn.Linear(3, 2)
+    ckpt = load_checkpoint(other, str(tmp_path / "m.pth"))
+    assert ckpt["meta"]["epoch"] == 3 and (ckpt["meta"]["hist"] == np.arange(4)).all()
+    assert torch.equal(other.weight, model.weight)
+    from mmengine.utils import get_installed_path, is_installed
+
+    assert is_installed("mmdet") and os.path.isdir(get_installed_path("mmdet"))
