@@ -17,7 +17,7 @@ bench_biformer.py):
   detection dilations, on NATTEN 0.21's Flex backend (no relative position bias: NATTEN >= 0.20
   dropped it), i.e. the official detection backbone minus its four output norms and bias adds.
 * BiFormer-S: the official model with ``n_win=16, auto_pad=True`` (its detection settings),
-  ``forward_features``.
+  ``forward_features`` (needs einops on the path: a wheel under ``.gpu/mm/``).
 
 Usage on the lent GPU (prints one table, writes ``mm_<gpu>.json`` to --out-dir and $OUT):
 
@@ -53,6 +53,10 @@ MODELS = [
     ("maxvit", "va_maxvit_tiny_tf_224"),
     ("halonet", "va_halonet50ts"),
     ("efficientvit", "va_efficientvit_m4"),
+    ("litv2", "litv2_small"),
+    ("agent_swin", "agent_swin_tiny"),
+    ("agent_pvt", "agent_pvt_tiny"),
+    ("agent_cswin", "agent_cswin_tiny"),
 ]
 TINY = {  # --tiny: the test variants (CPU dry run of this script)
     "nat_mini": "test_nat",
@@ -62,6 +66,10 @@ TINY = {  # --tiny: the test variants (CPU dry run of this script)
     "va_maxvit_tiny_tf_224": "test_va_maxvit",
     "va_halonet50ts": "test_va_halonet",
     "va_efficientvit_m4": "test_va_efficientvit",
+    "litv2_small": "test_litv2",
+    "agent_swin_tiny": "test_agent_swin",
+    "agent_pvt_tiny": "test_agent_pvt",
+    "agent_cswin_tiny": "test_agent_cswin",
 }
 
 
@@ -164,7 +172,21 @@ def _official(name: str, args: argparse.Namespace) -> tuple[nn.Module, Callable]
     return None
 
 
-def bench(args: argparse.Namespace) -> dict:
+def _commit() -> str:
+    if os.environ.get("VA_COMMIT"):
+        return os.environ["VA_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "unknown"
+
+
+def bench(args: argparse.Namespace, write: Callable[[dict], None]) -> dict:
+    """Ours for every family first, then the official backbones (their NATTEN Flex graphs
+    compile slowly); ``write`` is called after every measurement so partial runs keep data."""
     stand_in = _mmengine_stand_in()
     import visionattn  # noqa: F401
     from visionattn.mm import VisionAttnBackbone
@@ -172,12 +194,24 @@ def bench(args: argparse.Namespace) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     h, w = args.size
     x = torch.randn(args.batch, 3, h, w, device=dev)
-    rows = []
-    for family, name in MODELS:
-        if args.only and family not in args.only:
-            continue
+    res = dict(
+        what="backbone forward+backward img/s, VisionAttnBackbone(downstream='det')",
+        input=[args.batch, 3, h, w],
+        dtype="bf16 autocast" if dev.type == "cuda" else "fp32",
+        gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        timm=timm.__version__,
+        commit=_commit(),
+        mmengine_stand_in=stand_in,
+        steps=args.steps,
+        warmup=args.warmup,
+        rows=[],
+    )
+    todo = [(f, n) for f, n in MODELS if not args.only or f in args.only]
+    for family, name in todo:
         run_name = TINY[name] if args.tiny else name
         row: dict = dict(family=family, model=run_name)
+        res["rows"].append(row)
         try:
             torch.manual_seed(0)
             bb = VisionAttnBackbone(run_name, downstream="det").to(dev)
@@ -187,41 +221,29 @@ def bench(args: argparse.Namespace) -> dict:
         except Exception as e:  # one family failing must not lose the others' numbers
             row["ours"] = dict(error=f"{type(e).__name__}: {e}")
             traceback.print_exc()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        write(res)
+    # BiFormer's official model first: NATTEN's compiled Flex graphs take the longest
+    order = sorted(range(len(todo)), key=lambda i: todo[i][0] != "biformer")
+    for row, (_family, name) in ((res["rows"][i], todo[i]) for i in order):
         try:
             off = _official(name, args)
-            if off is not None:
-                m, fwd = off
-                m = m.to(dev)
-                row["official"] = fwd_bwd(m, fwd, x, args.steps, args.warmup)
-                del m
+            if off is None:
+                continue
+            m, fwd = off
+            m = m.to(dev)
+            t0 = time.perf_counter()
+            row["official"] = fwd_bwd(m, fwd, x, args.steps, args.warmup)
+            row["official"]["first_call_s"] = time.perf_counter() - t0
+            del m
         except Exception as e:
             row["official"] = dict(error=f"{type(e).__name__}: {e}")
             traceback.print_exc()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        rows.append(row)
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
-            ).stdout.strip()
-            or (REPO / ".gpu" / "commit.txt").read_text().strip()
-        )
-    except Exception:
-        commit = "unknown"
-    return dict(
-        what="backbone forward+backward img/s, VisionAttnBackbone(downstream='det')",
-        input=[args.batch, 3, h, w],
-        dtype="bf16 autocast" if dev.type == "cuda" else "fp32",
-        gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        torch=torch.__version__,
-        timm=timm.__version__,
-        commit=commit,
-        mmengine_stand_in=stand_in,
-        steps=args.steps,
-        warmup=args.warmup,
-        rows=rows,
-    )
+        write(res)
+    return res
 
 
 def _fmt(r: dict | None) -> str:
@@ -245,7 +267,17 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="test variants (CPU dry run)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks"))
     args = ap.parse_args()
-    res = bench(args)
+    name = "mm_tiny_cpu.json" if args.tiny else None
+
+    def write(res: dict) -> None:
+        gpu = res["gpu"].lower()
+        tag = "h200" if "h200" in gpu else "h100" if "h100" in gpu else gpu.split()[-1]
+        fname = name or f"mm_{tag}.json"
+        for d in {args.out_dir, os.environ.get("OUT", "")} - {""}:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / fname).write_text(json.dumps(res, indent=1) + "\n")
+
+    res = bench(args, write)
     print(f"{res['gpu']}  input {res['input']}  {res['dtype']}  commit {res['commit'][:10]}")
     print(f"{'family':<13}{'model':<24}{'params M':>9}  {'ours img/s':>20}  {'official img/s':>20}")
     for r in res["rows"]:
@@ -253,12 +285,6 @@ def main() -> None:
             f"{r['family']:<13}{r['model']:<24}{r.get('params_m', 0):>9.1f}  "
             f"{_fmt(r.get('ours')):>20}  {_fmt(r.get('official')):>20}"
         )
-    gpu = res["gpu"].lower()
-    tag = "h200" if "h200" in gpu else "h100" if "h100" in gpu else gpu.split()[-1]
-    name = f"mm_{tag}.json" if not args.tiny else "mm_tiny_cpu.json"
-    for d in {args.out_dir, os.environ.get("OUT", "")} - {""}:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / name).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":
