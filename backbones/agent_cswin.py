@@ -409,7 +409,7 @@ class AgentCSWin(nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -441,8 +441,14 @@ class AgentCSWin(nn.Module):
                 "attn_drop_rate: the stripe attention kernel has no attention-weight dropout; "
                 f"use 0 (every official model does), got {attn_drop_rate}"
             )
+        if (
+            isinstance(img_size, (tuple, list))
+            and len(img_size) == 2
+            and img_size[0] == img_size[1]
+        ):
+            img_size = img_size[0]  # timm passes the pretrained input size as (H, W)
         if not isinstance(img_size, int) or img_size < 32:
-            raise ValueError(f"img_size: must be an int >= 32, got {img_size!r}")
+            raise ValueError(f"img_size: must be an int >= 32 or a square (H, W), got {img_size!r}")
         types = _block_types(attn_type, depths)
         self.num_classes = num_classes
         self.global_pool = global_pool

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -100,7 +99,9 @@ class _Rearrange(nn.Module):
 
 
 def _cswin(name: str) -> nn.Module:
-    if importlib.util.find_spec("einops") is None:
+    try:
+        import einops.layers.torch  # noqa: F401
+    except ImportError:
         shim = types.ModuleType("einops.layers.torch")
         shim.Rearrange = _Rearrange
         for mod_name in ("einops", "einops.layers"):
