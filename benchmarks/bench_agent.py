@@ -245,6 +245,8 @@ def _write(out_dir: str, gpu: str, payload: dict) -> None:
 
 
 def _commit() -> str | None:
+    if os.environ.get("VISIONATTN_COMMIT"):  # the lent GPU's copy has stale git metadata
+        return os.environ["VISIONATTN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True)
         return out.stdout.decode().strip() or None

@@ -248,8 +248,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    commit = os.environ.get("VISIONATTN_COMMIT")  # the lent GPU's copy has stale git metadata
     try:
-        commit = subprocess.run(
+        commit = commit or subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=False,
         ).stdout.strip() or None  # fmt: skip

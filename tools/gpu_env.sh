@@ -9,3 +9,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/va_install.log 2>&1 \
   || { echo "visionattn install failed:"; cat /tmp/va_install.log; }
+# The machine's copy of .git is not the checkout's: benchmarks read the commit from here
+# (written by `tools/gpu_commit.sh` before the call).
+if [ -f .gpu/commit.txt ]; then export VISIONATTN_COMMIT=$(cat .gpu/commit.txt); fi

@@ -8,8 +8,6 @@
 set -u
 LIMIT=${GPU_VERIFY_LIMIT:-360}
 O=${OUT:-/tmp}
-# Only committed files are under test: drop untracked work-in-progress that travelled along.
-git clean -fdq 2>/dev/null || true
 source tools/gpu_env.sh
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 export VISIONATTN_PARITY_DIR=${VISIONATTN_PARITY_DIR:-$PWD/.gpu/parity}
