@@ -116,9 +116,7 @@ for topk in (1, 4, 49):
     finally:
         os.environ.pop("VISIONATTN_ROUTED_IMPL")
     e = max([rel(out, ref)] + [rel(a, b) for a, b in zip(gr, rg)])
-    add(
-        dict(check=f"routed 28x28 nwin7 topk{topk}", dtype="bfloat16", max_rel_err=e, ok=e < 2e-2)
-    )
+    add(dict(check=f"routed 28x28 nwin7 topk{topk}", dtype="bfloat16", max_rel_err=e, ok=e < 2e-2))
 
 # every family's tiny model: bf16 autocast forward+backward on CUDA vs fp32 CPU forward
 for name in [n for n in visionattn.list_models() if n.startswith("test_")]:
