@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from visionattn.backbones._layers import AutocastLayerNorm  # noqa: F401  (re-exported)
+
 __all__ = [
     "agent_aggregate",
     "agent_attention",
@@ -353,24 +355,3 @@ def dwc_tokens(v: Tensor, size: int | Sequence[int], conv: nn.Module) -> Tensor:
     x = v.reshape(B, h, w, C).permute(0, 3, 1, 2)
     x = x.contiguous(memory_format=torch.channels_last)
     return conv(x).permute(0, 2, 3, 1).reshape(B, N, C)
-
-
-# ----------------------------------------------------------------------------------------------
-# normalization
-
-
-class AutocastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state-dict keys) that, under CUDA autocast, runs in
-    the autocast dtype instead of autocast's float32 policy: input, weight and bias are cast to
-    it and the output stays in it (statistics are still accumulated in float32 by the kernel),
-    as timm's ``fast_norm`` does. Saves a float32 output and the cast before the next linear,
-    which casts to that dtype anyway. Outside autocast it is plain ``nn.LayerNorm``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            dt = torch.get_autocast_dtype("cuda")
-            with torch.autocast("cuda", enabled=False):
-                w = None if self.weight is None else self.weight.to(dt)
-                b = None if self.bias is None else self.bias.to(dt)
-                return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
-        return super().forward(x)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import GELUTanh
 from torch import nn
 
-__all__ = ["inplace_act", "linear_tokens", "pointwise"]
+__all__ = ["AutocastLayerNorm", "inplace_act", "linear_tokens", "pointwise"]
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,3 +48,20 @@ def inplace_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(act, nn.GELU):
             return torch.ops.aten.gelu_(x, approximate=act.approximate)
     return act(x)
+
+
+class AutocastLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that, under CUDA autocast, runs in
+    the autocast dtype instead of autocast's float32 policy: input, weight and bias are cast to
+    it and the output stays in it (statistics are still accumulated in float32 by the kernel),
+    as timm's ``fast_norm`` does. Saves a float32 output and the cast before the next linear,
+    which casts to that dtype anyway. Outside autocast it is plain ``nn.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            dt = torch.get_autocast_dtype("cuda")
+            with torch.autocast("cuda", enabled=False):
+                w = None if self.weight is None else self.weight.to(dt)
+                b = None if self.bias is None else self.bias.to(dt)
+                return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+        return super().forward(x)

@@ -53,6 +53,7 @@ from torchvision.ops import deform_conv2d
 
 import visionattn.kernels as _kernels
 from visionattn.backbones._convert import build_converted, head_classes
+from visionattn.backbones._layers import AutocastLayerNorm
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 
@@ -199,7 +200,7 @@ class ConvFFNBlock(nn.Module):
         self, dim: int, mlp_ratio: float = 4.0, proj_drop: float = 0.0, drop_path: float = 0.0
     ) -> None:
         super().__init__()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = AutocastLayerNorm(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -223,10 +224,10 @@ class HiLoBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = AutocastLayerNorm(dim)
         self.attn = HiLo(dim, num_heads, window_size, alpha, qkv_bias=qkv_bias, qk_scale=qk_scale)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = AutocastLayerNorm(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

@@ -115,12 +115,3 @@ def test_dwc_tokens_matches_nchw_conv() -> None:
     got = _agent.dwc_tokens(v, (h, w), conv)
     ref = conv(v.transpose(1, 2).reshape(B, 6, h, w)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(got, ref)
-
-
-def test_autocast_layer_norm_is_layer_norm_outside_cuda_autocast() -> None:
-    torch.manual_seed(5)
-    ln = _agent.AutocastLayerNorm(8, eps=1e-6)
-    ref = nn.LayerNorm(8, eps=1e-6)
-    ref.load_state_dict(ln.state_dict())
-    x = torch.randn(3, 8)
-    assert torch.equal(ln(x), ref(x))

@@ -7,6 +7,7 @@ import torch
 from timm.layers import GELUTanh
 from torch import nn
 
+from visionattn.backbones import _layers
 from visionattn.backbones._layers import inplace_act, linear_tokens, pointwise
 
 
@@ -40,3 +41,27 @@ def test_inplace_act(act: nn.Module) -> None:
     assert torch.allclose(y, ref, atol=1e-7)
     z = inplace_act(act, x.clone().requires_grad_())  # training: out of place, differentiable
     assert z.requires_grad and torch.allclose(z, ref, atol=1e-7)
+
+
+def test_autocast_layer_norm_is_layer_norm_outside_cuda_autocast() -> None:
+    torch.manual_seed(5)
+    ln = _layers.AutocastLayerNorm(8, eps=1e-6)
+    ref = torch.nn.LayerNorm(8, eps=1e-6)
+    ref.load_state_dict(ln.state_dict())
+    x = torch.randn(3, 8)
+    assert torch.equal(ln(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # only CUDA autocast changes it
+        assert torch.equal(ln(x), ref(x))
+
+
+@pytest.mark.gpu
+def test_autocast_layer_norm_runs_in_the_autocast_dtype_on_cuda() -> None:
+    torch.manual_seed(6)
+    ln = _layers.AutocastLayerNorm(64).cuda()
+    x = torch.randn(4, 10, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ln(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        y.float(), torch.nn.functional.layer_norm(x, (64,)), atol=3e-2, rtol=0
+    )
