@@ -11,9 +11,12 @@ For queries ``Q [N, d]``, keys/values ``K, V [M, d]`` of one head, ``A`` agent t
 * broadcast:   ``O   = softmax(Q A^T * scale + B_qa) V_A``     (queries attend to the agents)
 * plus a depthwise 3x3 convolution of ``V`` over the token map (the "diversity" term).
 
-Both softmax steps run through ``F.scaled_dot_product_attention`` with the bias as an additive
-``attn_mask`` (broadcast over the batch, never repeated per image), so no ``[B, heads, N, A]``
-score tensor is materialised by this code.
+In inference both softmax steps run through ``F.scaled_dot_product_attention`` with the bias
+as an additive ``attn_mask`` (broadcast over the batch, never repeated per image), so no
+``[B, heads, N, A]`` score tensor is materialised. In training with a learned bias, the
+fused kernels' backward (which also has to produce the bias gradient) is slow when one side has
+only A <= 64 tokens; there the scores are small (``A / d`` times the size of q) and the two
+steps run as matmul + softmax (``VISIONATTN_AGENT_ATTN=sdpa|math`` forces either path).
 
 Biases, per head (official parameter names and shapes, see :func:`init_agent_biases`):
 
@@ -34,6 +37,7 @@ views (:func:`split_heads`) feed the attention.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -170,6 +174,36 @@ def _mask(bias: Tensor | None, like: Tensor) -> Tensor | None:
     return bias.to(like.dtype)
 
 
+_MATH_MAX_AGENTS = 64
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None, dropout_p: float
+) -> Tensor:
+    mask = _mask(bias, q)
+    mode = os.environ.get("VISIONATTN_AGENT_ATTN", "auto")
+    if mode not in ("auto", "sdpa", "math"):
+        raise ValueError(f"VISIONATTN_AGENT_ATTN: must be auto, sdpa or math, got {mode!r}")
+    use_math = mode == "math" or (
+        mode == "auto"
+        and torch.is_grad_enabled()
+        and mask is not None
+        and mask.requires_grad
+        and min(q.shape[-2], k.shape[-2]) <= _MATH_MAX_AGENTS
+    )
+    if not use_math:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s + mask
+    p = s.softmax(dim=-1).to(v.dtype)  # autocast runs softmax in float32
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, v)
+
+
 def agent_aggregate(
     agents: Tensor,
     k: Tensor,
@@ -190,9 +224,7 @@ def agent_aggregate(
     Returns:
         ``agent_v [B, heads, A, dv]``.
     """
-    return F.scaled_dot_product_attention(
-        agents, k, v, attn_mask=_mask(bias, agents), dropout_p=dropout_p, scale=scale
-    )
+    return _attend(agents, k, v, bias, scale, dropout_p)
 
 
 def agent_broadcast(
@@ -215,9 +247,7 @@ def agent_broadcast(
     Returns:
         ``[B, heads, N, dv]``.
     """
-    return F.scaled_dot_product_attention(
-        q, agents, agent_v, attn_mask=_mask(bias, q), dropout_p=dropout_p, scale=scale
-    )
+    return _attend(q, agents, agent_v, bias, scale, dropout_p)
 
 
 def agent_attention(

@@ -115,3 +115,28 @@ def test_dwc_tokens_matches_nchw_conv() -> None:
     got = _agent.dwc_tokens(v, (h, w), conv)
     ref = conv(v.transpose(1, 2).reshape(B, 6, h, w)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("fn", ["agent_aggregate", "agent_broadcast"])
+def test_math_path_matches_sdpa_path_with_bias_gradient(fn, monkeypatch) -> None:
+    torch.manual_seed(7)
+    B, h, A, N, d = 2, 3, 9, 20, 8
+    small = torch.randn(B, h, A, d)
+    big_k, big_v = torch.randn(B, h, N, d), torch.randn(B, h, N, d)
+    if fn == "agent_aggregate":
+        args, bias_shape = (small, big_k, big_v), (h, A, N)
+    else:
+        args, bias_shape = (big_k, small, torch.randn(B, h, A, d)), (h, N, A)
+    bias = torch.randn(bias_shape)
+    results = {}
+    for mode in ("sdpa", "math"):
+        monkeypatch.setenv("VISIONATTN_AGENT_ATTN", mode)
+        leaves = [t.clone().requires_grad_(True) for t in (*args, bias)]
+        out = getattr(_agent, fn)(*leaves[:3], leaves[3], scale=0.3)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        results[mode] = (out, *grads)
+    for a, b in zip(results["sdpa"], results["math"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("VISIONATTN_AGENT_ATTN", "fast")
+    with pytest.raises(ValueError, match="VISIONATTN_AGENT_ATTN"):
+        getattr(_agent, fn)(*args, bias)
