@@ -45,7 +45,6 @@ result is cropped. Agent position biases are resized to the running stripe / map
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,7 +59,7 @@ from torch import nn
 
 import visionattn.kernels as _kernels
 from visionattn.backbones import _agent
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import build_converted, official_variant_args
 
 # official family names visionattn.convert.from_official routes here
 OFFICIAL_FAMILIES = ("agent_cswin",)
@@ -766,46 +765,11 @@ def official_model_args(
     ``"agent_cswin_tiny"``, or the official ``"Agent_CSWin_tiny"`` /
     ``"Agent_CSWin_64_24181_tiny_224"``). ``num_classes`` follows the checkpoint's head.
     """
-    sd = _unwrap(state_dict)
-    name = None
-    if variant is not None:
-        name = _OFFICIAL_NAMES.get(variant, variant)
-        if name not in OFFICIAL_VARIANTS:
-            raise ValueError(
-                f"variant: {variant!r} is not an official Agent-CSwin variant "
-                f"(known: {sorted(OFFICIAL_VARIANTS) + sorted(_OFFICIAL_NAMES)})"
-            )
-    if official_kwargs is None:
-        if name is None:
-            raise ValueError("official_kwargs: give the official constructor kwargs or variant")
-        official_kwargs = OFFICIAL_VARIANTS[name]
-    ours = official_to_ours_kwargs(official_kwargs)
-    n_cls = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
-    if "num_classes" in ours and ours["num_classes"] != n_cls:
-        raise ValueError(
-            f"official_kwargs: num_classes={ours['num_classes']} but the checkpoint's head has "
-            f"{n_cls} outputs"
-        )
-    ours["num_classes"] = n_cls
-    if name is None:
-        defaults = {
-            k: p.default
-            for k, p in inspect.signature(AgentCSWin.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
-
-        def arch(kw: Mapping[str, Any]) -> dict[str, Any]:
-            # architecture only: training-time rates and the head size do not name a variant
-            skip = ("num_classes", "drop_path_rate", "proj_drop_rate", "drop_rate")
-            full = {**defaults, **official_to_ours_kwargs(kw)}
-            return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()
-                    if k not in skip}  # fmt: skip
-
-        mine = arch(official_kwargs)
-        name = next(
-            (n for n, kw in OFFICIAL_VARIANTS.items() if arch(kw) == mine), "agent_cswin_tiny"
-        )
-    return name, ours
+    return official_variant_args(
+        _unwrap(state_dict), official_kwargs, variant, label="Agent-CSwin",
+        variants=OFFICIAL_VARIANTS, to_ours=official_to_ours_kwargs, default="agent_cswin_tiny",
+        model_cls=AgentCSWin, aliases=_OFFICIAL_NAMES,
+    )  # fmt: skip
 
 
 def from_official(

@@ -48,7 +48,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones import _agent
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import (
+    TRAINING_ONLY_KWARGS,
+    build_converted,
+    official_variant_args,
+)
 
 # official family names visionattn.convert.from_official routes here
 OFFICIAL_FAMILIES = ("agent_deit",)
@@ -560,26 +564,6 @@ def official_model_args(
     ``constructor_kwargs``); without them ``variant`` (``"agent_deit_tiny"``, ...,
     ``"agent_deit_small_448"``) supplies them. ``num_classes`` follows the checkpoint's head.
     """
-    sd = _unwrap(state_dict)
-    if variant is not None and variant not in OFFICIAL_VARIANTS:
-        raise ValueError(
-            f"variant: {variant!r} is not an official Agent-DeiT variant "
-            f"(known: {sorted(OFFICIAL_VARIANTS)})"
-        )
-    if official_kwargs is None:
-        if variant is None:
-            raise ValueError("official_kwargs: give the official constructor kwargs or variant")
-        official_kwargs = OFFICIAL_VARIANTS[variant]
-    ours = official_to_ours_kwargs(official_kwargs)
-    n_cls = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
-    if "num_classes" in ours and ours["num_classes"] != n_cls:
-        raise ValueError(
-            f"official_kwargs: num_classes={ours['num_classes']} but the checkpoint's head has "
-            f"{n_cls} outputs"
-        )
-    ours["num_classes"] = n_cls
-    if variant is not None:
-        return variant, ours
     defaults = {
         k: p.default
         for k, p in inspect.signature(AgentDeiT.__init__).parameters.items()
@@ -587,16 +571,17 @@ def official_model_args(
     }
 
     def arch(kw: Mapping[str, Any]) -> dict[str, Any]:
-        # architecture only: training-time rates and the head size do not name a variant
-        skip = ("num_classes", "drop_path_rate", "proj_drop_rate", "drop_rate")
+        # per-block agent counts and the agent-layer count, however the config spells them
         full = {**defaults, **official_to_ours_kwargs(kw)}
         full["agent_num"] = block_agent_nums(full["agent_num"], full["depth"])
         full["agent_layer"] = max(full["agent_layer"], 0) or full["depth"]
-        return {k: v for k, v in full.items() if k not in skip}
+        return {k: v for k, v in full.items() if k not in TRAINING_ONLY_KWARGS}
 
-    mine = arch(official_kwargs)
-    name = next((n for n, kw in OFFICIAL_VARIANTS.items() if arch(kw) == mine), "agent_deit_tiny")
-    return name, ours
+    return official_variant_args(
+        _unwrap(state_dict), official_kwargs, variant, label="Agent-DeiT",
+        variants=OFFICIAL_VARIANTS, to_ours=official_to_ours_kwargs, default="agent_deit_tiny",
+        arch=arch,
+    )  # fmt: skip
 
 
 def from_official(

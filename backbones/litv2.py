@@ -52,7 +52,11 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 import visionattn.kernels as _kernels
-from visionattn.backbones._convert import build_converted, head_classes
+from visionattn.backbones._convert import (
+    TRAINING_ONLY_KWARGS,
+    build_converted,
+    official_variant_args,
+)
 from visionattn.backbones._layers import AutocastLayerNorm
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
@@ -820,37 +824,21 @@ def official_model_args(
             "state_dict: not an official LITv2 checkpoint (no 'layers.*' / 'patch_embed.*' "
             f"keys); first keys: {list(sd)[:5]}"
         )
-    if official_kwargs is None:
-        if variant is None:
-            raise ValueError("official_kwargs: give the official constructor kwargs or variant")
-        if variant not in OFFICIAL_VARIANTS:
-            raise ValueError(
-                f"variant: {variant!r} is not an official LITv2 variant "
-                f"(known: {sorted(OFFICIAL_VARIANTS)})"
-            )
-        official_kwargs = OFFICIAL_VARIANTS[variant]
-    ours = _ours_from_official_kwargs(official_kwargs)
-    n_cls = head_classes(sd, "head.weight")
-    if "num_classes" in official_kwargs and ours["num_classes"] != n_cls:
-        raise ValueError(
-            f"official_kwargs: num_classes={ours['num_classes']} but the checkpoint's head has "
-            f"{n_cls} outputs"
-        )
-    ours["num_classes"] = n_cls
+
+    def arch(kw: Mapping[str, Any]) -> Any:
+        # our kwargs drop the input size, which still tells litv2_base_384 from litv2_base
+        layout = {
+            k: v for k, v in _ours_from_official_kwargs(kw).items() if k not in TRAINING_ONLY_KWARGS
+        }
+        return layout, kw.get("img_size", kw.get("pretrain_img_size", 224))
+
+    name, ours = official_variant_args(
+        sd, official_kwargs, variant, label="LITv2", variants=OFFICIAL_VARIANTS,
+        to_ours=_ours_from_official_kwargs, default="litv2_small", arch=arch,
+    )  # fmt: skip
     if any(re.fullmatch(r"norm\d+\.weight", k) for k in sd):
         ours["dense_norms"] = True  # an mmdet/mmseg backbone checkpoint
-    if variant in OFFICIAL_VARIANTS:
-        return variant, ours
-    # the registered name is a label (the kwargs are always passed in full): the official
-    # variant with this architecture and input size, else litv2_small
-    skip = ("num_classes", "drop_path_rate", "dense_norms")
-    layout = {k: v for k, v in ours.items() if k not in skip}
-    img = official_kwargs.get("img_size", official_kwargs.get("pretrain_img_size", 224))
-    for name, kw in OFFICIAL_VARIANTS.items():
-        ref = {k: v for k, v in _ours_from_official_kwargs(kw).items() if k not in skip}
-        if ref == layout and kw["img_size"] == img:
-            return name, ours
-    return "litv2_small", ours
+    return name, ours
 
 
 def from_official(
