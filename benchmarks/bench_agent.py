@@ -236,6 +236,24 @@ def bench_one(impl: str, name: str, args: argparse.Namespace, device: torch.devi
     return res
 
 
+def _best_of(rounds: list[list[dict]], runs: list[list[str]]) -> list[dict]:
+    """Per (impl, model) of ``runs``: the first measured row, with the best inference and the
+    best training rate over the rounds (each rate's round kept in ``*_round``)."""
+    out = []
+    for impl, name in dict.fromkeys(map(tuple, runs)):
+        rows = [r for rr in rounds for r in rr if r["impl"] == impl and r["model"] == name]
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            out.extend(rows[:1])
+            continue
+        best = dict(ok[0])
+        for key in ("infer_img_s", "train_img_s"):
+            top = max(ok, key=lambda r: r[key])
+            best[key], best[key.replace("img_s", "round")] = top[key], ok.index(top)
+        out.append(best)
+    return out
+
+
 def _write(out_dir: str, gpu: str, payload: dict) -> None:
     """``agent_<gpu>.json`` into ``out_dir`` and $OUT (rewritten after every entry)."""
     slug = gpu.split()[1].lower() if gpu.startswith("NVIDIA ") else gpu.replace(" ", "_").lower()
@@ -267,6 +285,7 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best rate kept")
     ap.add_argument("--profile", action="store_true", help="top kernels of one step each")
     ap.add_argument("--no-fidelity", action="store_true")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip entries past this")
@@ -290,6 +309,7 @@ def main() -> None:
         precision="bf16 autocast, fp32 weights, eager",
         warmup=args.warmup,
         iters=args.iters,
+        rounds=args.rounds,
     )
     results: list[dict] = []
     fid: dict[str, dict] = {}
@@ -304,19 +324,28 @@ def main() -> None:
                 traceback.print_exc()
                 fid[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
             print(name, "fidelity", json.dumps(fid[name]), flush=True)
-    for impl, name in runs:
-        if time.perf_counter() - start > args.budget_s:
-            results.append(dict(impl=impl, model=name, error="skipped: time budget"))
-            continue
-        try:
-            results.append(bench_one(impl, name, args, device))
-        except Exception as e:
-            traceback.print_exc()
-            results.append(dict(impl=impl, model=name, error=f"{type(e).__name__}: {e}"[:500]))
-        print(json.dumps({k: v for k, v in results[-1].items() if "top" not in k}), flush=True)
-        _write(args.out_dir, gpu, payload)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # Interleaved rounds, best rate of each kept: single timings of this script moved by up to
+    # ~30% between calls (the official models' too), the best of rounds far less.
+    rounds: list[list[dict]] = []
+    payload["rounds"] = rounds
+    for rnd in range(args.rounds):
+        rounds.append([])
+        for impl, name in runs:
+            if time.perf_counter() - start > args.budget_s:
+                rounds[-1].append(dict(impl=impl, model=name, error="skipped: time budget"))
+                continue
+            try:
+                rounds[-1].append(bench_one(impl, name, args, device))
+            except Exception as e:
+                traceback.print_exc()
+                err = f"{type(e).__name__}: {e}"[:500]
+                rounds[-1].append(dict(impl=impl, model=name, error=err))
+            row = {k: v for k, v in rounds[-1][-1].items() if "top" not in k}
+            print(f"round {rnd}", json.dumps(row), flush=True)
+            results[:] = _best_of(rounds, runs)
+            _write(args.out_dir, gpu, payload)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     print(f"\n{gpu} | torch {env['torch']} | {env['precision']}")
     hdr = f"{'impl':9} {'model':22} {'infer img/s':>12} {'train img/s':>12} {'vs official':>16}"
