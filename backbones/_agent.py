@@ -55,11 +55,13 @@ __all__ = [
     "AutocastLayerNorm",
     "agent_grid",
     "agent_key_bias",
+    "check_agent_shapes",
     "dwc_tokens",
     "init_agent_biases",
     "merge_heads",
     "pool_agents",
     "query_agent_bias",
+    "resize_agent_axis",
     "resize_axis",
     "split_heads",
 ]
@@ -390,3 +392,63 @@ def dwc_tokens(v: Tensor, size: int | Sequence[int], conv: nn.Module) -> Tensor:
     x = v.reshape(B, h, w, C).permute(0, 3, 1, 2)
     x = x.contiguous(memory_format=torch.channels_last)
     return conv(x).permute(0, 2, 3, 1).reshape(B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# downstream agent grids
+
+
+def check_agent_shapes(shapes: Sequence[Sequence[int]] | None, num_stages: int) -> list | None:
+    """Validated ``downstream_agent_shapes``: None, or one ``(gh, gw)`` pair of positive ints
+    per stage (lists accepted, e.g. from a JSON/mmengine config), returned as tuples."""
+    if shapes is None:
+        return None
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+        raise ValueError(
+            f"downstream_agent_shapes: must be None or a sequence of (gh, gw) pairs, got {shapes!r}"
+        )
+    if len(shapes) != num_stages:
+        raise ValueError(
+            f"downstream_agent_shapes: needs one (gh, gw) pair per stage ({num_stages}), got "
+            f"{len(shapes)}: {list(shapes)!r}"
+        )
+    out = []
+    for s in shapes:
+        ok = isinstance(s, Sequence) and not isinstance(s, (str, bytes)) and len(s) == 2
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s):
+            raise ValueError(
+                f"downstream_agent_shapes: every entry must be a pair of positive ints "
+                f"(gh, gw), got {s!r} in {list(shapes)!r}"
+            )
+        out.append((int(s[0]), int(s[1])))
+    return out
+
+
+def resize_agent_axis(bias: Tensor, dim: int, grid: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """Bias resized along its agent axis from the ``grid`` agents to the ``shape`` agents.
+
+    The agent axis ``dim`` of ``bias`` (e.g. ``[heads, A, N]`` from :func:`agent_key_bias`
+    with ``dim=1``, ``[heads, N, A]`` from :func:`query_agent_bias` with ``dim=2``) holds the
+    ``gh x gw`` agents row-major; the result holds ``shape = (sh, sw)`` agents, each a
+    bilinear (``align_corners=False``) interpolation of the grid's biases -- what the official
+    detection / segmentation backbones do with ``F.interpolate(..., size=
+    downstream_agent_shape, mode="bilinear")`` at every forward. ``bias`` itself when the
+    shapes match.
+    """
+    gh, gw = _pair(tuple(grid), "grid")
+    sh, sw = _pair(tuple(shape), "shape")
+    dim = dim % bias.dim()
+    if bias.shape[dim] != gh * gw:
+        raise ValueError(
+            f"bias: axis {dim} has {bias.shape[dim]} entries, expected {gh * gw} agents for "
+            f"grid {(gh, gw)}"
+        )
+    if (gh, gw) == (sh, sw):
+        return bias
+    get = _build_interp_matrix if torch.compiler.is_compiling() else _cached_interp_matrix
+    rh = get(gh, sh, bias.device).to(bias.dtype)  # [sh, gh]
+    rw = get(gw, sw, bias.device).to(bias.dtype)  # [sw, gw]
+    t = bias.movedim(dim, -1).unflatten(-1, (gh, gw))
+    # [..., gh, gw] -> [..., sh, sw]: rows by rh, columns by rw
+    t = torch.matmul(torch.matmul(rh, t), rw.t())
+    return t.flatten(-2).movedim(-1, dim)

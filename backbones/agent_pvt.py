@@ -19,6 +19,13 @@ running stage map (the official classification code resizes the position embeddi
 detection / segmentation backbones the agent biases); at the official resolution nothing is
 resized and the outputs equal the official model's. Patch embeddings are strided convs
 (``floor(size / stride)`` per axis, as the official model).
+
+Detection / segmentation: ``downstream_agent_shapes`` (one ``(gh, gw)`` per stage, e.g.
+``[(12, 12), (16, 16), (28, 28), (28, 28)]`` in the official configs) pools the agents onto
+those grids and resizes the agent biases along the agent axis at every forward (bilinear,
+after their resize to the running map), as the official ``downstream/`` backbones do; the
+stored biases keep their classification shapes. Like there, agent stages then need
+``agent_sr_ratios`` 1.
 """
 
 from __future__ import annotations
@@ -79,7 +86,9 @@ class _SpatialReduction(nn.Module):
 
 class AgentAttention(nn.Module):
     """Agent attention on ``[B, H*W, C]`` tokens (official ``q`` / ``kv`` / ``dwc`` / bias
-    names). With ``sr_ratio`` 1 the q and kv projections run as one GEMM."""
+    names). With ``sr_ratio`` 1 the q and kv projections run as one GEMM. ``agent_shape``: the
+    official downstream agent grid (agents pooled onto it, biases resized along the agent
+    axis at every forward); None: the ``agent_num`` grid."""
 
     def __init__(
         self,
@@ -91,6 +100,7 @@ class AgentAttention(nn.Module):
         qkv_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -98,6 +108,7 @@ class AgentAttention(nn.Module):
         self.num_heads = num_heads
         self.agent_num = agent_num
         self.grid = _agent.agent_grid(agent_num)
+        self.agent_shape = self.grid if agent_shape is None else tuple(agent_shape)
         self.scale = (dim // num_heads) ** -0.5  # the official agent blocks ignore qk_scale
         self.attn_drop = attn_drop
         self.sr_ratio = sr_ratio
@@ -121,15 +132,19 @@ class AgentAttention(nn.Module):
             q = self.q(x)
             kv, key_size = self.reduce(x, size)
             k, v = self.kv(kv).view(B, -1, 2, C).unbind(2)
-        agents = _agent.pool_agents(q, size, self.grid)
+        agents = _agent.pool_agents(q, size, self.agent_shape)
+        key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, key_size)
+        query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, size)
+        key_bias = _agent.resize_agent_axis(key_bias, 1, self.grid, self.agent_shape)
+        query_bias = _agent.resize_agent_axis(query_bias, 2, self.grid, self.agent_shape)
         nh = self.num_heads
         out = _agent.agent_attention(
             _agent.split_heads(q, nh),
             _agent.split_heads(k, nh),
             _agent.split_heads(v, nh),
             _agent.split_heads(agents, nh),
-            _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, key_size),
-            _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, size),
+            key_bias,
+            query_bias,
             scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
@@ -141,7 +156,11 @@ class AgentAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, agent_num={self.agent_num}, sr_ratio={self.sr_ratio}"
+        shape = "" if self.agent_shape == self.grid else f", agent_shape={self.agent_shape}"
+        return (
+            f"num_heads={self.num_heads}, agent_num={self.agent_num}, sr_ratio={self.sr_ratio}"
+            f"{shape}"
+        )
 
 
 class SRAttention(nn.Module):
@@ -207,13 +226,15 @@ class AgentPVTBlock(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         if attn_type == "A":
             self.attn: nn.Module = AgentAttention(
-                dim, num_heads, bias_size, agent_num, sr_ratio, qkv_bias, attn_drop, proj_drop
-            )
+                dim, num_heads, bias_size, agent_num, sr_ratio, qkv_bias, attn_drop, proj_drop,
+                agent_shape,
+            )  # fmt: skip
         elif attn_type == "B":
             self.attn = SRAttention(
                 dim, num_heads, sr_ratio, qkv_bias, qk_scale, attn_drop, proj_drop
@@ -265,6 +286,7 @@ class AgentPVTStage(nn.Module):
         attn_drop: float,
         drop_path: Sequence[float],
         first: bool,
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -288,6 +310,7 @@ class AgentPVTStage(nn.Module):
                 proj_drop,
                 attn_drop,
                 drop_path[j],
+                agent_shape,
             )  # fmt: skip
             for j in range(depth)
         )
@@ -356,6 +379,14 @@ class AgentPVT(nn.Module):
         agent_sr_ratios: key/value reduction of ``A`` (agent) stages, one digit per stage.
         agent_num: agent tokens per stage (perfect squares).
         attn_type: ``A`` or ``B`` per stage.
+        downstream_agent_shapes: the official detection / segmentation backbone's
+            ``downstream_agent_shapes``, one ``(gh, gw)`` per stage (entries of ``B`` stages
+            are unused): agents are pooled onto this grid and the agent biases, stored for
+            ``agent_num`` agents as in classification (so classification and official
+            downstream checkpoints load unchanged), are bilinearly resized along the agent
+            axis at every forward. Needs ``agent_sr_ratios`` 1 in ``A`` stages (the official
+            downstream agent attention has no key/value reduction). None: the ``agent_num``
+            grids (classification).
     """
 
     def __init__(
@@ -379,6 +410,7 @@ class AgentPVT(nn.Module):
         agent_sr_ratios: str = "1111",
         agent_num: Sequence[int] = (9, 16, 49, 49),
         attn_type: str = "AAAA",
+        downstream_agent_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -390,6 +422,16 @@ class AgentPVT(nn.Module):
                 raise ValueError(f"{name}: needs one entry per stage ({n}), got {list(seq)}")
         attn_type = _stage_letters(attn_type, n, "attn_type", "AB")
         agent_sr_ratios = _stage_letters(str(agent_sr_ratios), n, "agent_sr_ratios", "123456789")
+        agent_shapes = _agent.check_agent_shapes(downstream_agent_shapes, n)
+        if agent_shapes is not None and any(
+            t == "A" and r != "1" for t, r in zip(attn_type, agent_sr_ratios)
+        ):
+            raise ValueError(
+                f"downstream_agent_shapes: the official downstream agent attention has no "
+                f"key/value reduction; needs agent_sr_ratios 1 in agent stages, got "
+                f"agent_sr_ratios={agent_sr_ratios!r} with attn_type={attn_type!r}"
+            )
+        agent_shapes = agent_shapes or [None] * n
         img = to_2tuple(img_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -422,6 +464,7 @@ class AgentPVT(nn.Module):
                     attn_drop_rate,
                     rates[sum(depths[:i]) : sum(depths[: i + 1])],
                     first=i == 0,
+                    agent_shape=agent_shapes[i],
                 )  # fmt: skip
             )
             self.feature_info.append(
@@ -563,6 +606,7 @@ _KWARG_MAP = {
     "drop_rate": "proj_drop_rate", "attn_drop_rate": "attn_drop_rate",
     "drop_path_rate": "drop_path_rate", "depths": "depths", "sr_ratios": "sr_ratios",
     "agent_sr_ratios": "agent_sr_ratios", "agent_num": "agent_num", "attn_type": "attn_type",
+    "downstream_agent_shapes": "downstream_agent_shapes",
 }  # fmt: skip
 
 
@@ -772,11 +816,12 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# tiny configuration for tests: an agent stage with reduced keys (agent_sr 2) and a
-# spatial-reduction attention stage
+# tiny configuration for tests: agent stages and a spatial-reduction attention stage; agent_sr
+# 1 as in every official config, so the official downstream agent shapes apply to it (the
+# reduced-key agent path is tested on the attention module)
 _TEST_ARGS = dict(
     img_size=64, embed_dims=[16, 32, 40, 64], num_heads=[1, 2, 5, 4], mlp_ratios=[2, 2, 2, 2],
-    depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], agent_sr_ratios="2111",
+    depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], agent_sr_ratios="1111",
     agent_num=[4, 4, 4, 4], attn_type="AABA", drop_path_rate=0.0,
 )  # fmt: skip
 

@@ -23,6 +23,12 @@ their window and shift and pad the map to a multiple of the window (zeros before
 projection, as Swin's downstream code pads); the patch embedding pads the image to a
 multiple of the patch and patch merging pads odd maps. At the official resolutions nothing is
 resized or padded and the outputs equal the official model's.
+
+Detection / segmentation: ``downstream_agent_shapes`` (one ``(gh, gw)`` per stage, e.g.
+``[(9, 9), (12, 12), (14, 14), (7, 7)]`` in the official configs) pools the agents onto those
+grids and resizes the agent biases along the agent axis at every forward (bilinear, after
+their resize to the running map), as the official ``downstream/`` backbones do; the stored
+biases keep their classification shapes.
 """
 
 from __future__ import annotations
@@ -97,7 +103,10 @@ class AgentAttention(nn.Module):
     """Agent attention over a whole ``[B, H, W, C]`` map (fused qkv, official parameter names).
 
     Biases are sized for ``bias_size`` (the stage map at the training resolution) and resized
-    to the running map when it differs.
+    to the running map when it differs. ``agent_shape`` (the official downstream
+    ``downstream_agent_shape``): agents pooled onto this grid instead of the ``agent_num``
+    grid, the biases (still stored for ``agent_num`` agents) bilinearly resized along their
+    agent axis at every forward, as the official detection / segmentation backbone does.
     """
 
     def __init__(
@@ -109,6 +118,7 @@ class AgentAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -116,6 +126,7 @@ class AgentAttention(nn.Module):
         self.num_heads = num_heads
         self.agent_num = agent_num
         self.grid = _agent.agent_grid(agent_num)
+        self.agent_shape = self.grid if agent_shape is None else tuple(agent_shape)
         self.scale = (dim // num_heads) ** -0.5  # the official agent blocks ignore qk_scale
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -127,15 +138,19 @@ class AgentAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, C).unbind(2)
-        agents = _agent.pool_agents(q, (H, W), self.grid)
+        agents = _agent.pool_agents(q, (H, W), self.agent_shape)
+        key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, (H, W))
+        query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, (H, W))
+        key_bias = _agent.resize_agent_axis(key_bias, 1, self.grid, self.agent_shape)
+        query_bias = _agent.resize_agent_axis(query_bias, 2, self.grid, self.agent_shape)
         nh = self.num_heads
         out = _agent.agent_attention(
             _agent.split_heads(q, nh),
             _agent.split_heads(k, nh),
             _agent.split_heads(v, nh),
             _agent.split_heads(agents, nh),
-            _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, (H, W)),
-            _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, (H, W)),
+            key_bias,
+            query_bias,
             scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
@@ -143,7 +158,8 @@ class AgentAttention(nn.Module):
         return self.proj_drop(self.proj(x)).view(B, H, W, C)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, agent_num={self.agent_num}"
+        shape = "" if self.agent_shape == self.grid else f", agent_shape={self.agent_shape}"
+        return f"num_heads={self.num_heads}, agent_num={self.agent_num}{shape}"
 
 
 def _shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -259,6 +275,7 @@ class AgentSwinBlock(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         # the official rule: a map that fits in the window is one unshifted window
@@ -268,7 +285,7 @@ class AgentSwinBlock(nn.Module):
         if attn_type == "A":
             self.attn: nn.Module = AgentAttention(
                 dim, num_heads, (window_size, window_size), agent_num, qkv_bias, attn_drop,
-                proj_drop,
+                proj_drop, agent_shape,
             )  # fmt: skip
         elif attn_type == "B":
             if attn_drop:
@@ -350,6 +367,7 @@ class AgentSwinStage(nn.Module):
         proj_drop: float,
         attn_drop: float,
         drop_path: Sequence[float],
+        agent_shape: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -372,6 +390,7 @@ class AgentSwinStage(nn.Module):
                     proj_drop,
                     attn_drop,
                     drop_path[i],
+                    agent_shape,
                 )  # fmt: skip
             )
         self.blocks = nn.Sequential(*blocks)
@@ -425,6 +444,12 @@ class AgentSwinTransformer(nn.Module):
         patch_norm: LayerNorm after the patch embedding.
         agent_num: agent tokens per stage (perfect squares).
         attn_type: per-stage attention letters, see :func:`parse_attn_types`.
+        downstream_agent_shapes: the official detection / segmentation backbone's
+            ``downstream_agent_shapes``, one ``(gh, gw)`` per stage (entries of stages without
+            agent blocks are unused): agents are pooled onto this grid and the agent biases,
+            stored for ``agent_num`` agents as in classification (so classification and
+            official downstream checkpoints load unchanged), are bilinearly resized along the
+            agent axis at every forward. None: the ``agent_num`` grids (classification).
     """
 
     def __init__(
@@ -448,6 +473,7 @@ class AgentSwinTransformer(nn.Module):
         patch_norm: bool = True,
         agent_num: Sequence[int] = (9, 16, 49, 49),
         attn_type: str = "AAAB",
+        downstream_agent_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -455,6 +481,7 @@ class AgentSwinTransformer(nn.Module):
             if len(seq) != n:
                 raise ValueError(f"{name}: needs one entry per stage ({n}), got {list(seq)}")
         types = parse_attn_types(attn_type, depths)
+        agent_shapes = _agent.check_agent_shapes(downstream_agent_shapes, n) or [None] * n
         img = to_2tuple(img_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -487,6 +514,7 @@ class AgentSwinTransformer(nn.Module):
                     proj_drop_rate,
                     attn_drop_rate,
                     rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    agent_shapes[i],
                 )  # fmt: skip
             )
             self.feature_info.append(
@@ -627,6 +655,7 @@ _KWARG_MAP = {
     "qkv_bias": "qkv_bias", "qk_scale": "qk_scale", "drop_rate": "proj_drop_rate",
     "attn_drop_rate": "attn_drop_rate", "drop_path_rate": "drop_path_rate",
     "patch_norm": "patch_norm", "agent_num": "agent_num", "attn_type": "attn_type",
+    "downstream_agent_shapes": "downstream_agent_shapes",
 }  # fmt: skip
 
 

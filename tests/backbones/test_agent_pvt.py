@@ -132,3 +132,118 @@ def test_bad_config_is_refused() -> None:
         agent_pvt.AgentPVT(attn_type="AAXA")
     with pytest.raises(ValueError, match="num_agents"):
         agent_pvt.AgentPVT(agent_num=(9, 16, 48, 49))
+
+
+# ----------------------------------------------------------------------------------------------
+# downstream_agent_shapes (official downstream/{detection,segmentation} AgentPVT)
+
+
+def _official_downstream_agent_attention(
+    attn: agent_pvt.AgentAttention, x: torch.Tensor, H: int, W: int, shape: tuple[int, int]
+) -> torch.Tensor:
+    """The official downstream rule (no key reduction), written out: agents are the query map
+    average-pooled (adaptively) onto ``shape``; each bias table is bilinearly resized to the
+    running map, then -- with the map positions as channels and the classification agent grid
+    as the image -- bilinearly resized to ``shape``; the two steps are summed separately."""
+    B, n, C = x.shape
+    nh, d = attn.num_heads, C // attn.num_heads
+    g = attn.grid[0]
+    m = shape[0] * shape[1]
+    q = attn.q(x)
+    k, v = attn.kv(x).chunk(2, dim=-1)
+    agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, H, W), shape)
+    agents = agents.reshape(B, nh, d, m).transpose(-2, -1)
+    q, k, vh = (t.reshape(B, n, nh, d).transpose(1, 2) for t in (q, k, v))
+
+    def to_agents(table: torch.Tensor) -> torch.Tensor:  # [nh, g*g, h, w] -> [nh, m, n]
+        t = F.interpolate(table, size=(H, W), mode="bilinear")
+        t = t.reshape(nh, g, g, n).permute(0, 3, 1, 2)
+        return F.interpolate(t, size=shape, mode="bilinear").reshape(nh, n, m).transpose(1, 2)
+
+    key_bias = to_agents(attn.an_bias) + to_agents((attn.ah_bias + attn.aw_bias)[0])
+    query_bias = to_agents(attn.na_bias) + to_agents(
+        (attn.ha_bias + attn.wa_bias)[0].permute(0, 3, 1, 2)
+    )
+    s = attn.scale
+    agent_v = ((agents * s) @ k.transpose(-2, -1) + key_bias[None]).softmax(-1) @ vh
+    out = ((q * s) @ agents.transpose(-2, -1) + query_bias.transpose(1, 2)[None]).softmax(-1)
+    out = (out @ agent_v).transpose(1, 2).reshape(B, n, C)
+    out = out + attn.dwc(v.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize(
+    ("agent_num", "shape", "size"),
+    [(9, (12, 12), (9, 13)), (16, (3, 5), (16, 16)), (4, (7, 7), (5, 6))],
+)
+def test_downstream_agent_attention_matches_official_rule(agent_num, shape, size) -> None:
+    torch.manual_seed(0)
+    attn = agent_pvt.AgentAttention(
+        12, 3, (8, 8), agent_num=agent_num, qkv_bias=True, agent_shape=shape
+    ).double()
+    for p in (attn.an_bias, attn.na_bias, attn.ah_bias, attn.aw_bias, attn.ha_bias, attn.wa_bias):
+        torch.nn.init.normal_(p)  # O(1) biases, so a wrong resize shows
+    x = torch.randn(2, size[0] * size[1], 12, dtype=torch.float64)
+    torch.testing.assert_close(
+        attn(x, size), _official_downstream_agent_attention(attn, x, *size, shape)
+    )
+
+
+def test_downstream_model_loads_classification_checkpoint_strictly() -> None:
+    torch.manual_seed(0)
+    shapes = [(3, 5), (4, 4), (6, 6), (5, 5)]
+    cls = timm.create_model("test_agent_pvt").eval()
+    down = timm.create_model("test_agent_pvt", downstream_agent_shapes=shapes).eval()
+    # the biases keep their classification shapes: the checkpoint loads strictly, unchanged
+    assert {k: v.shape for k, v in down.state_dict().items()} == {
+        k: v.shape for k, v in cls.state_dict().items()
+    }
+    down.load_state_dict(cls.state_dict(), strict=True)
+    agent_blocks = [m for m in down.modules() if isinstance(m, agent_pvt.AgentAttention)]
+    assert [m.agent_shape for m in agent_blocks] == [(3, 5), (4, 4), (5, 5)]  # stage 3 is "B"
+    x = torch.randn(1, 3, 61, 75)  # odd sizes: strided-conv embeddings floor the maps
+    with torch.no_grad():
+        a = down.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+        b = cls.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+        stage = down.stages[0]
+        y = stage.patch_embed(x)
+        h, w = y.shape[1:3]
+        y = y.reshape(1, h * w, -1) + stage._pos((h, w))
+        blk = stage.blocks[0]
+        torch.testing.assert_close(
+            blk.attn(blk.norm1(y), (h, w)),
+            _official_downstream_agent_attention(blk.attn, blk.norm1(y), h, w, (3, 5)),
+        )
+    assert [tuple(f.shape[1:3]) for f in a] == [(15, 18), (7, 9), (3, 4), (1, 2)]
+    assert all(torch.isfinite(f).all() for f in a)
+    assert not torch.allclose(a[0], b[0])  # other agents, other features
+    # the classification grids as "downstream" shapes: the classification model exactly
+    same = timm.create_model("test_agent_pvt", downstream_agent_shapes=[(2, 2)] * 4).eval()
+    same.load_state_dict(cls.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(same(x), cls(x))
+
+
+def test_official_downstream_kwargs_convert() -> None:
+    kw = dict(agent_pvt.OFFICIAL_VARIANTS["agent_pvt_tiny"])
+    kw["downstream_agent_shapes"] = [(12, 12), (16, 16), (28, 28), (28, 28)]
+    ours = agent_pvt._ours_from_official_kwargs(kw)
+    with torch.device("meta"):
+        model = timm.create_model("agent_pvt_tiny", **ours)
+    shapes = [m.agent_shape for m in model.modules() if isinstance(m, agent_pvt.AgentAttention)]
+    assert shapes == [(12, 12)] * 2 + [(16, 16)] * 2 + [(28, 28)] * 4
+
+
+@pytest.mark.parametrize(
+    ("bad", "extra"),
+    [
+        ([(12, 12), (16, 16), (28, 28)], {}),  # one per stage
+        ([(12, 12), (16, 16), (28, 28), (28, 28, 28)], {}),
+        ([(12, 12), (-1, 16), (28, 28), (28, 28)], {}),
+        ("12-16-28-28", {}),
+        ([(12, 12)] * 4, dict(agent_sr_ratios="2111")),  # official downstream: no reduction
+    ],
+)
+def test_bad_downstream_agent_shapes_are_refused(bad, extra) -> None:
+    with pytest.raises(ValueError, match="downstream_agent_shapes"):
+        timm.create_model("test_agent_pvt", downstream_agent_shapes=bad, **extra)

@@ -142,3 +142,119 @@ def test_other_input_size_resizes_agent_biases(parity_path: Path) -> None:
         )
     assert [tuple(f.shape[1:3]) for f in feats] == [(50, 65), (25, 33), (13, 17), (7, 9)]
     assert all(torch.isfinite(f).all() for f in feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# downstream_agent_shapes (official downstream/{detection,segmentation} AgentSwinTransformer)
+
+
+def _official_downstream_agent_attention(
+    attn: agent_swin.AgentAttention, x: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """The official downstream rule, written out: agents are the query map average-pooled
+    (adaptively) onto ``shape``; each bias table is bilinearly resized to the running map, then
+    -- with the map positions as channels and the classification agent grid as the image --
+    bilinearly resized to ``shape``; the two steps are summed separately and repeated per image."""
+    B, H, W, C = x.shape
+    nh, d, n = attn.num_heads, C // attn.num_heads, H * W
+    g = attn.grid[0]
+    m = shape[0] * shape[1]
+    q, k, v = attn.qkv(x.reshape(B, n, C)).chunk(3, dim=-1)
+    agents = F.adaptive_avg_pool2d(q.transpose(1, 2).reshape(B, C, H, W), shape)
+    agents = agents.reshape(B, nh, d, m).transpose(-2, -1)
+    q, k, vh = (t.reshape(B, n, nh, d).transpose(1, 2) for t in (q, k, v))
+
+    def to_agents(table: torch.Tensor) -> torch.Tensor:  # [nh, g*g, H, W] -> [nh, m, n]
+        t = F.interpolate(table, size=(H, W), mode="bilinear")
+        t = t.reshape(nh, g, g, n).permute(0, 3, 1, 2)
+        return F.interpolate(t, size=shape, mode="bilinear").reshape(nh, n, m).transpose(1, 2)
+
+    key_bias = to_agents(attn.an_bias) + to_agents((attn.ah_bias + attn.aw_bias)[0])
+    query_bias = to_agents(attn.na_bias) + to_agents(
+        (attn.ha_bias + attn.wa_bias)[0].permute(0, 3, 1, 2)
+    )
+    s = attn.scale
+    agent_v = ((agents * s) @ k.transpose(-2, -1) + key_bias[None]).softmax(-1) @ vh
+    out = ((q * s) @ agents.transpose(-2, -1) + query_bias.transpose(1, 2)[None]).softmax(-1)
+    out = (out @ agent_v).transpose(1, 2).reshape(B, n, C)
+    vm = v.transpose(1, 2).reshape(B, C, H, W)
+    out = out + attn.dwc(vm).flatten(2).transpose(1, 2)
+    return attn.proj(out).reshape(B, H, W, C)
+
+
+@pytest.mark.parametrize(
+    ("agent_num", "shape", "size"),
+    [(9, (5, 7), (9, 13)), (16, (3, 3), (16, 16)), (4, (9, 9), (5, 6))],
+)
+def test_downstream_agent_attention_matches_official_rule(agent_num, shape, size) -> None:
+    torch.manual_seed(0)
+    attn = agent_swin.AgentAttention(12, 3, (8, 8), agent_num=agent_num, agent_shape=shape)
+    attn = attn.double()
+    for p in (attn.an_bias, attn.na_bias, attn.ah_bias, attn.aw_bias, attn.ha_bias, attn.wa_bias):
+        torch.nn.init.normal_(p)  # O(1) biases, so a wrong resize shows
+    x = torch.randn(2, *size, 12, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _official_downstream_agent_attention(attn, x, shape))
+
+
+_SHAPES = [(5, 5), (3, 4), (4, 4), (2, 2)]
+
+
+def test_downstream_model_loads_classification_checkpoint_strictly() -> None:
+    torch.manual_seed(0)
+    cls = timm.create_model("test_agent_swin").eval()
+    down = timm.create_model("test_agent_swin", downstream_agent_shapes=_SHAPES).eval()
+    # the biases keep their classification shapes: the checkpoint loads strictly, unchanged
+    assert {k: v.shape for k, v in down.state_dict().items()} == {
+        k: v.shape for k, v in cls.state_dict().items()
+    }
+    down.load_state_dict(cls.state_dict(), strict=True)
+    agent_blocks = [m for m in down.modules() if isinstance(m, agent_swin.AgentAttention)]
+    assert [m.agent_shape for m in agent_blocks] == [(5, 5), (3, 4), (4, 4)]
+    x = torch.randn(1, 3, 61, 75)  # odd sizes: padded patches, odd maps, padded windows
+    with torch.no_grad():
+        a = down.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+        b = cls.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+        # per block, the official rule at the running map
+        blk = down.stages[0].blocks[0]
+        y = down.patch_embed(x)
+        torch.testing.assert_close(
+            blk.attn(blk.norm1(y)),
+            _official_downstream_agent_attention(blk.attn, blk.norm1(y), (5, 5)),
+        )
+    assert [tuple(f.shape[1:3]) for f in a] == [(16, 19), (8, 10), (4, 5), (2, 3)]
+    assert all(torch.isfinite(f).all() for f in a)
+    assert not torch.allclose(a[0], b[0])  # other agents, other features
+    # the classification grids as "downstream" shapes: the classification model exactly
+    same = timm.create_model(
+        "test_agent_swin", downstream_agent_shapes=[(2, 2), (2, 2), (3, 3), (2, 2)]
+    ).eval()
+    same.load_state_dict(cls.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(same(x), cls(x))
+
+
+def test_official_downstream_kwargs_convert() -> None:
+    kw = dict(agent_swin.OFFICIAL_VARIANTS["agent_swin_tiny"])
+    kw["downstream_agent_shapes"] = [(9, 9), (12, 12), (14, 14), (7, 7)]
+    ours = agent_swin._ours_from_official_kwargs(kw)
+    assert ours["downstream_agent_shapes"] == [(9, 9), (12, 12), (14, 14), (7, 7)]
+    with torch.device("meta"):
+        model = timm.create_model("agent_swin_tiny", **ours)
+    shapes = [m.agent_shape for m in model.modules() if isinstance(m, agent_swin.AgentAttention)]
+    assert shapes == [(9, 9)] * 2 + [(12, 12)] * 2 + [(14, 14)] * 6
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [(9, 9), (12, 12), (14, 14)],  # one per stage
+        [(9, 9), (12, 12), (14, 14), (7,)],
+        [(9, 9), (12, 12), (14, 0), (7, 7)],
+        [(9, 9), (12, 12), (14, 14.0), (7, 7)],
+        "9-12-14-7",
+        (9, 12, 14, 7),
+    ],
+)
+def test_bad_downstream_agent_shapes_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="downstream_agent_shapes"):
+        timm.create_model("test_agent_swin", downstream_agent_shapes=bad)
