@@ -40,6 +40,7 @@ per-output norms, which start fresh as in the official recipes. Anything else ra
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import re
@@ -65,7 +66,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the mm ext
 
 __all__ = [
     "DOWNSTREAM_KWARGS",
-    "NOT_YET_SUPPORTED",
     "TransposedFPN",
     "VisionAttnBackbone",
     "downstream_kwargs",
@@ -122,22 +122,14 @@ DOWNSTREAM_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     # LITv2 (ziplab/LITv2 detection / segmentation): the classification settings (alpha,
     # local windows; HiLo pads to its window by itself) with out norms on stages 1-3.
     "litv2": {"det": dict(dense_norms=True), "seg": dict(dense_norms=True)},
-    # Agent attention (LeapLabTHU/Agent-Attention downstream/): Agent-Swin adds norm{i} per
-    # output (adapter), Agent-PVT none. Their downstream `downstream_agent_shapes` (more agent
-    # tokens for larger maps) is not a constructor argument of backbones/agent_*.py yet: see
-    # NOT_YET_SUPPORTED.
-    "agent_swin": {"det": {}, "seg": {}},
-    "agent_pvt": {"det": {}, "seg": {}},
-    # No official downstream backbone: the classification model as is.
-    "agent_cswin": {"det": {}, "seg": {}},
-    "maxvit": {"det": {}, "seg": {}},
-    "halonet": {"det": {}, "seg": {}},
-}
-
-#: official downstream settings the backbones cannot express yet (family -> task -> kwargs)
-NOT_YET_SUPPORTED: dict[str, dict[str, dict[str, Any]]] = {
-    # downstream/detection|segmentation configs: agents pooled to these grids per stage, the
-    # agent biases bilinearly resized along the agent axis to match
+    # Agent attention (LeapLabTHU/Agent-Attention downstream/detection|segmentation configs):
+    # more agents for the larger maps -- pooled onto these grids per stage, the classification
+    # biases resized along the agent axis at every forward (the stored biases keep their
+    # shapes, so classification checkpoints load unchanged). Agent-Swin adds norm{i} per output
+    # (adapter), Agent-PVT none. (The segmentation Agent-Swin-S config lists (7, 7) for stage 3,
+    # a window-attention stage where the entry is unused.) Not reproduced yet: the official
+    # downstream Agent-Swin also shifts the 7x7 windows of its last stage, which the
+    # classification rule (a map that fits in the window is one unshifted window) does not.
     "agent_swin": {
         "det": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
         "seg": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
@@ -146,6 +138,10 @@ NOT_YET_SUPPORTED: dict[str, dict[str, dict[str, Any]]] = {
         "det": dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]),
         "seg": dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]),
     },
+    # No official downstream backbone: the classification model as is.
+    "agent_cswin": {"det": {}, "seg": {}},
+    "maxvit": {"det": {}, "seg": {}},
+    "halonet": {"det": {}, "seg": {}},
 }
 
 # families whose official downstream backbone adds a norm per output in the adapter
@@ -160,7 +156,8 @@ def downstream_kwargs(model_name: str, task: str) -> dict[str, Any]:
     if task not in ("det", "seg"):
         raise ValueError(f"task: must be 'det' or 'seg', got {task!r}")
     family = model_family(model_name)
-    out = dict(DOWNSTREAM_KWARGS.get(family, {}).get(task, {}))
+    # a deep copy: callers may edit the lists (agent shapes) without touching the table
+    out = copy.deepcopy(dict(DOWNSTREAM_KWARGS.get(family, {}).get(task, {})))
     if family == "dinat":
         depths = _DINAT_DEPTHS.get(model_name)
         if depths is not None:

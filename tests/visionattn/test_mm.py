@@ -326,6 +326,13 @@ def test_downstream_kwargs_match_the_official_settings() -> None:
     assert vmm.downstream_kwargs("biformer_small", "seg")["n_win"] == 8
     assert vmm.downstream_kwargs("va_focalnet_tiny_srf", "det") == dict(focal_windows=(9, 9, 9, 9))
     assert vmm.downstream_kwargs("nat_mini", "seg") == dict(dense_norms=True)
+    # LeapLabTHU/Agent-Attention downstream configs (*_9-12-14-7.py, *_12-16-28-28.py)
+    swin = vmm.downstream_kwargs("agent_swin_tiny", "det")
+    assert swin == dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)])
+    pvt = vmm.downstream_kwargs("agent_pvt_tiny", "seg")
+    assert pvt == dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)])
+    pvt["downstream_agent_shapes"].append((1, 1))  # a copy: the table stays as it is
+    assert len(vmm.downstream_kwargs("agent_pvt_tiny", "seg")["downstream_agent_shapes"]) == 4
     with pytest.raises(ValueError, match="task"):
         vmm.downstream_kwargs("nat_mini", "cls")
 
@@ -364,15 +371,25 @@ def test_classification_checkpoint_every_key_accounted_for(
     assert any("head" in k for k in rep["dropped"])
     assert all("head" in k or k.startswith("norm.") for k in rep["dropped"])
     resized = set(rep["resized"])
+    if family in ("agent_swin", "agent_pvt"):
+        # the official downstream agent grids are in effect; the biases load unresized (they
+        # are resized along the agent axis at run time, as officially)
+        want = set(vmm.downstream_kwargs(variant, "det")["downstream_agent_shapes"])
+        got = {m.agent_shape for m in bb.model.modules() if hasattr(m, "agent_shape")}
+        assert got and got <= want
+        assert not resized
     for k in rep["loaded"]:
         if k in sd and k not in resized:
             assert torch.equal(own[k], sd[k]), k
-    # the features are the classification model's stage outputs (through any new norms)
+    # the features are the stage outputs of the model with the same (downstream) kwargs
+    # holding the checkpoint as is (through any new norms)
     if not rep["new"] and not resized:
         x = torch.randn(1, 3, 64, 64)
-        bb.eval(), src.eval()
+        ref_model = timm.create_model(variant, **bb.model_kwargs)
+        ref_model.load_state_dict(sd, strict=True)
+        bb.eval(), ref_model.eval()
         with torch.no_grad():
-            ref = src.forward_intermediates(
+            ref = ref_model.forward_intermediates(
                 x, indices=list(bb.out_indices), intermediates_only=True
             )
             for a, b in zip(bb(x), ref):

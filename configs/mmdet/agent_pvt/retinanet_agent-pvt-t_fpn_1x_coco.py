@@ -1,7 +1,7 @@
 # agent_pvt_tiny -- reproduces the published result: COCO val box AP 40.3 (downstream/detection/README.md).
 # Source config: https://github.com/LeapLabTHU/Agent-Attention downstream/detection/configs/agent_pvt/agent_pvt_t_rtn_1x_12-16-28-28.py
 # (schedule, optimizer, weight-decay exemptions and drop-path as published).
-# NOTE: published with downstream_agent_shapes, which backbones/agent_*.py does not support yet: this config keeps the classification agent shapes.
+# downstream="det"|"seg" applies the published downstream_agent_shapes (visionattn.mm.DOWNSTREAM_KWARGS).
 _base_ = ["../_base_/retinanet_fpn_1x_coco.py"]
 
 model = dict(

@@ -1,7 +1,7 @@
 # agent_swin_tiny -- reproduces the published result: COCO val box AP 47.3 / mask AP 42.7 (downstream/detection/README.md).
 # Source config: https://github.com/LeapLabTHU/Agent-Attention downstream/detection/configs/agent_swin/agent_swin_t_mrcnn_3x_9-12-14-7.py
 # (schedule, optimizer, weight-decay exemptions and drop-path as published).
-# NOTE: published with downstream_agent_shapes, which backbones/agent_*.py does not support yet: this config keeps the classification agent shapes.
+# downstream="det"|"seg" applies the published downstream_agent_shapes (visionattn.mm.DOWNSTREAM_KWARGS).
 _base_ = ["../_base_/mask-rcnn_fpn_ms-crop-3x_coco.py"]
 
 model = dict(

@@ -1,7 +1,7 @@
 # agent_pvt_tiny -- reproduces the published result: ADE20K val mIoU 40.18, 40k iterations (downstream/segmentation/README.md).
 # Source config: https://github.com/LeapLabTHU/Agent-Attention downstream/segmentation/configs/agent_pvt/fpn_agent_pvt_t_12-16-28-28.py
 # (schedule, optimizer, weight-decay exemptions and drop-path as published).
-# NOTE: published with downstream_agent_shapes, which backbones/agent_*.py does not support yet: this config keeps the classification agent shapes.
+# downstream="det"|"seg" applies the published downstream_agent_shapes (visionattn.mm.DOWNSTREAM_KWARGS).
 _base_ = ["../_base_/fpn_80k_ade20k.py"]
 
 model = dict(

@@ -1,7 +1,7 @@
 # agent_swin_tiny -- reproduces the published result: ADE20K val mIoU 46.68 (downstream/segmentation/README.md).
 # Source config: https://github.com/LeapLabTHU/Agent-Attention downstream/segmentation/configs/agent_swin/upernet_agent_swin_t_9-12-14-7.py
 # (schedule, optimizer, weight-decay exemptions and drop-path as published).
-# NOTE: published with downstream_agent_shapes, which backbones/agent_*.py does not support yet: this config keeps the classification agent shapes.
+# downstream="det"|"seg" applies the published downstream_agent_shapes (visionattn.mm.DOWNSTREAM_KWARGS).
 _base_ = ["../_base_/upernet_160k_ade20k.py"]
 
 model = dict(
