@@ -276,10 +276,13 @@ class AgentSwinBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         agent_shape: tuple[int, int] | None = None,
+        downstream_windows: bool = False,
     ) -> None:
         super().__init__()
-        # the official rule: a map that fits in the window is one unshifted window
-        if min(resolution) <= window_size:
+        # the official classification rule: a map that fits in the window is one unshifted
+        # window; the official downstream backbone drops it for window blocks (they keep their
+        # window and shift at every size, the map padded to the window)
+        if min(resolution) <= window_size and not (downstream_windows and attn_type == "B"):
             shift_size, window_size = 0, min(resolution)
         self.norm1 = _agent.AutocastLayerNorm(dim)
         if attn_type == "A":
@@ -368,6 +371,7 @@ class AgentSwinStage(nn.Module):
         attn_drop: float,
         drop_path: Sequence[float],
         agent_shape: tuple[int, int] | None = None,
+        downstream_windows: bool = False,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -391,6 +395,7 @@ class AgentSwinStage(nn.Module):
                     attn_drop,
                     drop_path[i],
                     agent_shape,
+                    downstream_windows,
                 )  # fmt: skip
             )
         self.blocks = nn.Sequential(*blocks)
@@ -450,6 +455,10 @@ class AgentSwinTransformer(nn.Module):
             stored for ``agent_num`` agents as in classification (so classification and
             official downstream checkpoints load unchanged), are bilinearly resized along the
             agent axis at every forward. None: the ``agent_num`` grids (classification).
+        downstream_windows: the official detection / segmentation backbone's window blocks:
+            ``max(7, window_size // 8)`` windows whose odd blocks shift by half a window at
+            every map size. False: the classification rule (a stage whose ``img_size`` map fits
+            in the window is one unshifted window).
     """
 
     def __init__(
@@ -474,6 +483,7 @@ class AgentSwinTransformer(nn.Module):
         agent_num: Sequence[int] = (9, 16, 49, 49),
         attn_type: str = "AAAB",
         downstream_agent_shapes: Sequence[tuple[int, int]] | None = None,
+        downstream_windows: bool = False,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -515,6 +525,7 @@ class AgentSwinTransformer(nn.Module):
                     attn_drop_rate,
                     rates[sum(depths[:i]) : sum(depths[: i + 1])],
                     agent_shapes[i],
+                    downstream_windows,
                 )  # fmt: skip
             )
             self.feature_info.append(
@@ -679,6 +690,8 @@ def _ours_from_official_kwargs(official_kwargs: Mapping[str, Any]) -> dict[str, 
             )
     if "agent_num" in out:
         out["agent_num"] = [int(a) for a in out["agent_num"]]
+    if "downstream_agent_shapes" in official_kwargs:
+        out["downstream_windows"] = True  # only the official downstream class takes them
     if isinstance(out.get("img_size"), (list, tuple)):
         out["img_size"] = tuple(out["img_size"])
     return out

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -127,12 +128,16 @@ DOWNSTREAM_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     # biases resized along the agent axis at every forward (the stored biases keep their
     # shapes, so classification checkpoints load unchanged). Agent-Swin adds norm{i} per output
     # (adapter), Agent-PVT none. (The segmentation Agent-Swin-S config lists (7, 7) for stage 3,
-    # a window-attention stage where the entry is unused.) Not reproduced yet: the official
-    # downstream Agent-Swin also shifts the 7x7 windows of its last stage, which the
-    # classification rule (a map that fits in the window is one unshifted window) does not.
+    # a window-attention stage where the entry is unused.) The official downstream Agent-Swin
+    # also keeps 7x7 windows with shifted odd blocks in every window stage however small the
+    # map (downstream_windows), where classification makes a map that fits one window.
     "agent_swin": {
-        "det": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
-        "seg": dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)]),
+        "det": dict(
+            downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)], downstream_windows=True
+        ),
+        "seg": dict(
+            downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)], downstream_windows=True
+        ),
     },
     "agent_pvt": {
         "det": dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)]),
@@ -225,6 +230,14 @@ def _resize_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.to(table.dtype)
 
 
+def _square_table(v: torch.Tensor, t: torch.Tensor) -> bool:
+    return (
+        v.shape[1] == t.shape[1]
+        and math.isqrt(v.shape[0]) ** 2 == v.shape[0]
+        and math.isqrt(t.shape[0]) ** 2 == t.shape[0]
+    )
+
+
 _TABLE_KEYS = re.compile(r"(^|\.)(rpb|relative_position_bias_table)$")
 
 
@@ -240,6 +253,11 @@ def _fit_shapes(
         t = target[k]
         if _TABLE_KEYS.search(k) and v.ndim == t.ndim == 3 and v.shape[0] == t.shape[0]:
             sd[k] = _resize_table(v, t.shape)
+        elif _TABLE_KEYS.search(k) and v.ndim == t.ndim == 2 and _square_table(v, t):
+            # Swin's layout: [(2w-1)^2, heads], row-major over (dy, dx)
+            h, n_in, n_out = v.shape[1], math.isqrt(v.shape[0]), math.isqrt(t.shape[0])
+            grid = _resize_table(v.t().reshape(h, n_in, n_in), torch.Size((h, n_out, n_out)))
+            sd[k] = grid.reshape(h, n_out * n_out).t().contiguous()
         elif v.ndim == t.ndim == 4 and v.shape[:2] == t.shape[:2] and v.shape[1] == 1:
             sd[k] = resize_kernel(v, tuple(t.shape[-2:]))
         else:

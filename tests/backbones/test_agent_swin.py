@@ -258,3 +258,26 @@ def test_official_downstream_kwargs_convert() -> None:
 def test_bad_downstream_agent_shapes_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="downstream_agent_shapes"):
         timm.create_model("test_agent_swin", downstream_agent_shapes=bad)
+
+
+def test_downstream_windows_keep_shifted_windows_in_small_maps() -> None:
+    # agent_swin_tiny's last stage is a 7x7 map at 224: one unshifted window in
+    # classification, 7x7 windows with a shifted odd block in the official downstream backbone
+    kw = dict(depths=[1, 1, 1, 2], num_heads=[1, 1, 1, 1], embed_dim=8, num_classes=0)
+    cls = agent_swin.AgentSwinTransformer(**kw).eval()
+    det = agent_swin.AgentSwinTransformer(**kw, downstream_windows=True).eval()
+    assert [b.attn.shift_size for b in cls.stages[3].blocks] == [0, 0]
+    assert [(b.attn.window_size, b.attn.shift_size) for b in det.stages[3].blocks] == [
+        (7, 0),
+        (7, 3),
+    ]
+    det.load_state_dict(cls.state_dict(), strict=True)  # same parameters, other windows
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        a, b = cls.forward_features(x), det.forward_features(x)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    # the official downstream kwargs select it
+    official = dict(agent_swin.OFFICIAL_VARIANTS["agent_swin_tiny"])
+    official["downstream_agent_shapes"] = [(9, 9)] * 4
+    _, args = agent_swin.official_model_args({"head.weight": torch.zeros(1000, 768)}, official)
+    assert args["downstream_windows"] is True

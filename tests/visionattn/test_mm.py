@@ -328,7 +328,9 @@ def test_downstream_kwargs_match_the_official_settings() -> None:
     assert vmm.downstream_kwargs("nat_mini", "seg") == dict(dense_norms=True)
     # LeapLabTHU/Agent-Attention downstream configs (*_9-12-14-7.py, *_12-16-28-28.py)
     swin = vmm.downstream_kwargs("agent_swin_tiny", "det")
-    assert swin == dict(downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)])
+    assert swin == dict(
+        downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)], downstream_windows=True
+    )
     pvt = vmm.downstream_kwargs("agent_pvt_tiny", "seg")
     assert pvt == dict(downstream_agent_shapes=[(12, 12), (16, 16), (28, 28), (28, 28)])
     pvt["downstream_agent_shapes"].append((1, 1))  # a copy: the table stays as it is
@@ -377,7 +379,10 @@ def test_classification_checkpoint_every_key_accounted_for(
         want = set(vmm.downstream_kwargs(variant, "det")["downstream_agent_shapes"])
         got = {m.agent_shape for m in bb.model.modules() if hasattr(m, "agent_shape")}
         assert got and got <= want
-        assert not resized
+        # downstream windows keep their size where the (tiny) classification map was smaller
+        # than a window: only those window tables are resized
+        assert all(k.endswith("relative_position_bias_table") for k in resized)
+        assert family == "agent_swin" or not resized
     for k in rep["loaded"]:
         if k in sd and k not in resized:
             assert torch.equal(own[k], sd[k]), k
@@ -644,3 +649,24 @@ def test_install_patches_in_effect(tmp_path: pathlib.Path) -> None:
     from mmengine.utils import get_installed_path, is_installed
 
     assert is_installed("mmdet") and os.path.isdir(get_installed_path("mmdet"))
+
+
+def test_relative_tables_resize_in_both_layouts() -> None:
+    # ours [heads, 2w-1, 2w-1] and Swin's [(2w-1)^2, heads] (row-major over dy, dx) resize alike
+    torch.manual_seed(3)
+    grid = torch.randn(4, 3, 3)
+    swin = grid.reshape(4, 9).t().contiguous()
+    sd = {"a.rpb": grid.clone(), "b.relative_position_bias_table": swin.clone()}
+    target = {
+        "a.rpb": torch.empty(4, 13, 13),
+        "b.relative_position_bias_table": torch.empty(169, 4),
+    }
+    out = vmm._fit_shapes(sd, target)
+    assert out["a.rpb"].shape == (4, 13, 13)
+    torch.testing.assert_close(out["b.relative_position_bias_table"].t().reshape(4, 13, 13),
+                               out["a.rpb"])  # fmt: skip
+    # a constant table stays constant (bicubic weights sum to one)
+    const = vmm._fit_shapes({"c.rpb": torch.full((2, 3, 3), 0.5)}, {"c.rpb": torch.empty(2, 5, 5)})
+    torch.testing.assert_close(const["c.rpb"], torch.full((2, 5, 5), 0.5))
+    with pytest.raises(ValueError, match="cannot be adapted"):
+        vmm._fit_shapes({"d.rpb": torch.zeros(8, 4)}, {"d.rpb": torch.empty(169, 4)})
