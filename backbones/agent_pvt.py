@@ -45,7 +45,11 @@ from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
 from visionattn.backbones import _agent
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import (
+    TRAINING_ONLY_KWARGS,
+    build_converted,
+    official_variant_args,
+)
 
 __all__ = [
     "FAMILIES",
@@ -599,6 +603,9 @@ OFFICIAL_VARIANTS: dict[str, dict[str, Any]] = {
     "agent_pvt_large": _official([3, 8, 27, 3], 0.3),
 }
 
+# official downstream kwargs: the same architecture as the classification variant
+_DOWNSTREAM_ONLY = ("downstream_agent_shapes", "downstream_windows")
+
 _KWARG_MAP = {
     "img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans",
     "num_classes": "num_classes", "embed_dims": "embed_dims", "num_heads": "num_heads",
@@ -730,29 +737,11 @@ def official_model_args(
     """
     if family not in FAMILIES:
         raise ValueError(f"family: must be one of {FAMILIES}, got {family!r}")
-    sd = _unwrap(state_dict)
-    if official_kwargs is None:
-        if variant not in OFFICIAL_VARIANTS:
-            raise ValueError(
-                f"variant: {variant!r} is not an official Agent-PVT variant "
-                f"(known: {sorted(OFFICIAL_VARIANTS)}); or give official_kwargs"
-            )
-        official_kwargs = OFFICIAL_VARIANTS[variant]
-    ours = _ours_from_official_kwargs(official_kwargs)
-    head = sd.get("head.weight")
-    n_cls = 0 if head is None else int(head.shape[0])
-    if "num_classes" in ours and ours["num_classes"] != n_cls and head is not None:
-        raise ValueError(
-            f"official_kwargs: num_classes={ours['num_classes']} but the checkpoint's head has "
-            f"{n_cls} outputs"
-        )
-    ours["num_classes"] = n_cls
-    if variant in OFFICIAL_VARIANTS:
-        return variant, ours
-    for name, kw in OFFICIAL_VARIANTS.items():
-        if _ours_from_official_kwargs(kw) | {"num_classes": n_cls} == ours:
-            return name, ours
-    return "agent_pvt_tiny", ours
+    return official_variant_args(
+        _unwrap(state_dict), official_kwargs, variant, label="Agent-PVT",
+        variants=OFFICIAL_VARIANTS, to_ours=_ours_from_official_kwargs, default="agent_pvt_tiny",
+        model_cls=AgentPVT, skip=(*TRAINING_ONLY_KWARGS, *_DOWNSTREAM_ONLY),
+    )  # fmt: skip
 
 
 def from_official(

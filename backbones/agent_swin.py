@@ -48,7 +48,11 @@ from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
 from visionattn.backbones import _agent
-from visionattn.backbones._convert import build_converted
+from visionattn.backbones._convert import (
+    TRAINING_ONLY_KWARGS,
+    build_converted,
+    official_variant_args,
+)
 from visionattn.kernels import na2d
 
 __all__ = [
@@ -659,6 +663,9 @@ OFFICIAL_VARIANTS: dict[str, dict[str, Any]] = {
     "agent_swin_base_384": _official(384, 128, [2, 2, 18, 2], [4, 8, 16, 32], 96, "AAMB2", 0.5),
 }
 
+# official downstream kwargs: the same architecture as the classification variant
+_DOWNSTREAM_ONLY = ("downstream_agent_shapes", "downstream_windows")
+
 _KWARG_MAP = {
     "img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans",
     "num_classes": "num_classes", "embed_dim": "embed_dim", "depths": "depths",
@@ -779,29 +786,11 @@ def official_model_args(
     """
     if family not in FAMILIES:
         raise ValueError(f"family: must be one of {FAMILIES}, got {family!r}")
-    sd = _unwrap(state_dict)
-    if official_kwargs is None:
-        if variant not in OFFICIAL_VARIANTS:
-            raise ValueError(
-                f"variant: {variant!r} is not an official Agent-Swin variant "
-                f"(known: {sorted(OFFICIAL_VARIANTS)}); or give official_kwargs"
-            )
-        official_kwargs = OFFICIAL_VARIANTS[variant]
-    ours = _ours_from_official_kwargs(official_kwargs)
-    head = sd.get("head.weight")
-    n_cls = 0 if head is None else int(head.shape[0])
-    if "num_classes" in ours and ours["num_classes"] != n_cls and head is not None:
-        raise ValueError(
-            f"official_kwargs: num_classes={ours['num_classes']} but the checkpoint's head has "
-            f"{n_cls} outputs"
-        )
-    ours["num_classes"] = n_cls
-    if variant in OFFICIAL_VARIANTS:
-        return variant, ours
-    for name, kw in OFFICIAL_VARIANTS.items():
-        if _ours_from_official_kwargs(kw) | {"num_classes": n_cls} == ours:
-            return name, ours
-    return "agent_swin_tiny", ours
+    return official_variant_args(
+        _unwrap(state_dict), official_kwargs, variant, label="Agent-Swin",
+        variants=OFFICIAL_VARIANTS, to_ours=_ours_from_official_kwargs, default="agent_swin_tiny",
+        model_cls=AgentSwinTransformer, skip=(*TRAINING_ONLY_KWARGS, *_DOWNSTREAM_ONLY),
+    )  # fmt: skip
 
 
 def from_official(
