@@ -40,9 +40,11 @@ import math
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
@@ -53,6 +55,7 @@ __all__ = [
     "agent_attention",
     "agent_broadcast",
     "AutocastLayerNorm",
+    "agent_cfg",
     "agent_grid",
     "agent_key_bias",
     "check_agent_shapes",
@@ -452,3 +455,35 @@ def resize_agent_axis(bias: Tensor, dim: int, grid: Sequence[int], shape: Sequen
     # [..., gh, gw] -> [..., sh, sw]: rows by rh, columns by rw
     t = torch.matmul(torch.matmul(rh, t), rw.t())
     return t.flatten(-2).movedim(-1, dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrained configs
+
+
+def agent_cfg(first_conv: str, classifier: str, **kwargs: Any) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` shared by the four Agent families; ``kwargs`` add or override.
+
+    Input settings of the official evaluation (``agent_transformer/data/build.py``): resize to
+    a square of ``int(256 / 224 * size)`` (``crop_mode="squash"``), center crop, bicubic,
+    ImageNet mean/std.
+    """
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "crop_mode": "squash",
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": classifier,
+        "license": "unknown",  # the official repository has no license file
+        "paper_ids": "arXiv:2312.08874",
+        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
+        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
+        **kwargs,
+    }

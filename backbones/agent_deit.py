@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -608,26 +607,7 @@ def from_official(
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        # official evaluation (agent_transformer/data/build.py): resize to a square of
-        # int(256 / 224 * size), center crop, bicubic, ImageNet mean/std
-        "crop_pct": 0.875,
-        "crop_mode": "squash",
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
-        **kwargs,
-    }
+    return _agent.agent_cfg("patch_embed.proj", "head", pool_size=None, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

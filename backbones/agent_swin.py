@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
@@ -813,24 +812,7 @@ def from_official(
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        # official eval (data/build.py): bicubic resize to 256/224 x size, center crop
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "unknown",  # the official repository states no license
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        **kwargs,
-    }
+    return _agent.agent_cfg("patch_embed.proj", "head.fc", url=url, **kwargs)
 
 
 _URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
