@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -57,6 +58,7 @@ __all__ = [
     "AutocastLayerNorm",
     "agent_cfg",
     "agent_grid",
+    "fit_agent_biases",
     "agent_key_bias",
     "check_agent_shapes",
     "dwc_tokens",
@@ -290,6 +292,25 @@ def resize_axis(x: Tensor, dim: int, size: int) -> Tensor:
     lead = t.shape[:-1]
     t = F.interpolate(t.reshape(1, -1, t.shape[-1]), size=size, mode="linear")
     return t.reshape(*lead, size).movedim(-1, dim)
+
+
+_MAP_BIASES = re.compile(r"(^|\.)(ah|aw|ha|wa)_bias$")
+
+
+def fit_agent_biases(
+    state_dict: dict[str, Tensor], target: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Resize a checkpoint's separable agent biases (``ah/aw/ha/wa_bias``) trained at another
+    resolution to the model's shapes, linearly along each map axis that differs (what the
+    official fine-tuning at a higher resolution does when it loads 224 px weights). In place;
+    returns ``state_dict``."""
+    for k, v in state_dict.items():
+        if _MAP_BIASES.search(k) and k in target and target[k].shape != v.shape:
+            out = v.float()
+            for dim, size in enumerate(target[k].shape):
+                out = resize_axis(out, dim, size)
+            state_dict[k] = out.to(v.dtype)
+    return state_dict
 
 
 def _build_interp_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:

@@ -724,13 +724,6 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
     return out
 
 
-def _resize_agent_bias(name: str, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Linear resize of an ``ah/aw/ha/wa`` bias along its map axis to ``shape`` (what the
-    official fine-tuning at a higher resolution does when loading 224 px weights)."""
-    axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[name]
-    return _agent.resize_axis(v.float(), axis, shape[axis]).to(v.dtype)
-
-
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module
 ) -> dict[str, torch.Tensor]:
@@ -742,13 +735,7 @@ def checkpoint_filter_fn(
     sd = _unwrap(state_dict)
     if not any(k.startswith(("stem.", "stages.")) for k in sd):
         sd = convert_official_state_dict(sd)
-    target = model.state_dict()
-    for k, v in sd.items():
-        leaf = k.rsplit(".", 1)[-1]
-        if leaf in ("ah_bias", "aw_bias", "ha_bias", "wa_bias") and k in target:
-            if target[k].shape != v.shape:
-                sd[k] = _resize_agent_bias(leaf, v, target[k].shape)
-    return sd
+    return _agent.fit_agent_biases(sd, model.state_dict())
 
 
 def official_model_args(

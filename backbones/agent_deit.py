@@ -542,13 +542,7 @@ def checkpoint_filter_fn(
         sd["pos_embed"] = resample_abs_pos_embed(
             pe, tuple(model.patch_embed.grid_size), old_size=(old, old), num_prefix_tokens=1
         )
-    axes = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
-    for k, v in sd.items():
-        leaf = k.rsplit(".", 1)[-1]
-        if leaf in axes and k in target and target[k].shape != v.shape:
-            ax = axes[leaf]
-            sd[k] = _agent.resize_axis(v.float(), ax, target[k].shape[ax]).to(v.dtype)
-    return sd
+    return _agent.fit_agent_biases(sd, target)
 
 
 def official_model_args(

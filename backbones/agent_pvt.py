@@ -706,19 +706,13 @@ def checkpoint_filter_fn(
     for k, v in list(sd.items()):
         if k not in target or target[k].shape == v.shape:
             continue
-        if re.search(r"\.(ah|aw|ha|wa)_bias$", k):
-            out = v
-            for dim in range(v.dim()):
-                if out.shape[dim] != target[k].shape[dim]:
-                    out = _agent.resize_axis(out, dim, target[k].shape[dim])
-            sd[k] = out
-        elif k.endswith(".pos_embed"):
+        if k.endswith(".pos_embed"):
             n_old, n_new = v.shape[1], target[k].shape[1]
             s_old, s_new = int(n_old**0.5), int(n_new**0.5)
             p = v.reshape(1, s_old, s_old, -1).permute(0, 3, 1, 2)
             p = F.interpolate(p, size=(s_new, s_new), mode="bilinear")
             sd[k] = p.flatten(2).transpose(1, 2)
-    return sd
+    return _agent.fit_agent_biases(sd, target)
 
 
 def official_model_args(

@@ -745,16 +745,6 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
     return out
 
 
-def _resize_bias(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Bilinear resize of an ``ah/aw/ha/wa`` bias (or a Swin bias table of another window is
-    refused) to ``shape`` along its map axes."""
-    out = v
-    for dim in range(v.dim()):
-        if out.shape[dim] != shape[dim]:
-            out = _agent.resize_axis(out, dim, shape[dim])
-    return out
-
-
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module
 ) -> dict[str, torch.Tensor]:
@@ -763,11 +753,7 @@ def checkpoint_filter_fn(
     sd = _unwrap(state_dict)
     if not any(k.startswith("stages.") for k in sd):
         sd = convert_official_state_dict(sd)
-    target = model.state_dict()
-    for k, v in sd.items():
-        if re.search(r"\.(ah|aw|ha|wa)_bias$", k) and k in target and target[k].shape != v.shape:
-            sd[k] = _resize_bias(v, target[k].shape)
-    return sd
+    return _agent.fit_agent_biases(sd, model.state_dict())
 
 
 def official_model_args(

@@ -140,3 +140,15 @@ def test_math_path_matches_sdpa_path_with_bias_gradient(fn, monkeypatch) -> None
     monkeypatch.setenv("VISIONATTN_AGENT_ATTN", "fast")
     with pytest.raises(ValueError, match="VISIONATTN_AGENT_ATTN"):
         getattr(_agent, fn)(*args, bias)
+
+
+def test_fit_agent_biases_resizes_only_mismatched_map_axes() -> None:
+    torch.manual_seed(8)
+    ah = torch.randn(1, 2, 9, 7, 1)
+    other = torch.randn(2, 9, 7, 7)  # an an_bias: never resized by shape here
+    sd = {"blocks.0.attn.ah_bias": ah.clone(), "blocks.0.attn.an_bias": other.clone()}
+    target = {"blocks.0.attn.ah_bias": torch.empty(1, 2, 9, 12, 1), "blocks.0.attn.an_bias": other}
+    out = _agent.fit_agent_biases(sd, target)
+    ref = F.interpolate(ah.reshape(1, 18, 7), size=12, mode="linear").reshape(1, 2, 9, 12, 1)
+    torch.testing.assert_close(out["blocks.0.attn.ah_bias"], ref)
+    assert torch.equal(out["blocks.0.attn.an_bias"], other)
