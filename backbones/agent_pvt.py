@@ -30,6 +30,7 @@ stored biases keep their classification shapes. Like there, agent stages then ne
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,7 +38,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    Mlp,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs, register_model
@@ -267,6 +275,14 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def _resample_pos(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """``[1, H*W, C]`` position embedding bilinearly resized from ``old`` to ``new`` (the
+    official downstream PVT's rule; timm's resampler without its default antialiasing)."""
+    return resample_abs_pos_embed(
+        pos, list(new), list(old), num_prefix_tokens=0, interpolation="bilinear", antialias=False
+    )
+
+
 class AgentPVTStage(nn.Module):
     """Patch embedding, position embedding (resized to the running map), blocks; maps are
     ``[B, H, W, C]`` in and out (the image ``[B, C, H, W]`` for the first stage)."""
@@ -321,8 +337,7 @@ class AgentPVTStage(nn.Module):
     def _pos(self, size: tuple[int, int]) -> torch.Tensor:
         if size == self.resolution:
             return self.pos_embed
-        p = self.pos_embed.reshape(1, *self.resolution, -1).permute(0, 3, 1, 2)
-        return F.interpolate(p, size=size, mode="bilinear").flatten(2).transpose(1, 2)
+        return _resample_pos(self.pos_embed, self.resolution, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x if self.first else x.permute(0, 3, 1, 2))
@@ -707,11 +722,8 @@ def checkpoint_filter_fn(
         if k not in target or target[k].shape == v.shape:
             continue
         if k.endswith(".pos_embed"):
-            n_old, n_new = v.shape[1], target[k].shape[1]
-            s_old, s_new = int(n_old**0.5), int(n_new**0.5)
-            p = v.reshape(1, s_old, s_old, -1).permute(0, 3, 1, 2)
-            p = F.interpolate(p, size=(s_new, s_new), mode="bilinear")
-            sd[k] = p.flatten(2).transpose(1, 2)
+            s_old, s_new = math.isqrt(v.shape[1]), math.isqrt(target[k].shape[1])
+            sd[k] = _resample_pos(v, (s_old, s_old), (s_new, s_new))
     return _agent.fit_agent_biases(sd, target)
 
 
