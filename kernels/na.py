@@ -156,10 +156,9 @@ def _backward_impl(
     ab4 = _bias4(q, p, attn_bias)
     tri_ok = _use_triton(q, k, v, p)
     if tri_ok:
-        per_batch = need_dbias and ab4.shape[0] != 1
         try:
-            dq, dk, dv, ds = _tri.backward(
-                dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_ds, per_batch
+            dq, dk, dv, ds, drpb_flat = _tri.backward(
+                dout, dlse, q, k, v, out, lse, rpb, ab4, p, need_drpb, need_dbias
             )  # fmt: skip
         except _tri.OutOfResources as exc:
             _warn_fallback(exc)
@@ -167,6 +166,7 @@ def _backward_impl(
     if not tri_ok:
         bias = _combined_bias(q, p, rpb, attn_bias)
         dq, dk, dv, ds = reference_backward(q, k, v, out, lse, dout, dlse, bias, p, need_ds)
+        drpb_flat = None
     drpb = dbias = None
     if need_dbias:
         dsb = ds
@@ -175,7 +175,9 @@ def _backward_impl(
         if ab4.shape[1] == 1 and dsb.shape[1] != 1:
             dsb = dsb.sum(1, keepdim=True)
         dbias = dsb.to(attn_bias.dtype).reshape(attn_bias.shape)
-    if need_drpb:
+    if need_drpb and drpb_flat is not None:
+        drpb = drpb_flat.reshape(rpb.shape).to(rpb.dtype)
+    elif need_drpb:
         h = rpb.shape[0]
         dsum = ds[0] if ds.shape[0] == 1 else ds.sum(0)  # [h, N, K]
         rel = _rel_table(tuple(q.shape[1:-2]), p, q.device).reshape(-1)

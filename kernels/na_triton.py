@@ -488,6 +488,169 @@ def _na_bwd_kv_kernel(
     )
 
 
+# ----------------------------------------------------------------------------- window tiling
+# When the windows tile the map exactly (kernel = stride on every axis, no causal axis, every
+# dilation group a whole number of windows: MaxViT block and grid, Swin/LITv2/EfficientViT
+# windows), a window's queries see exactly that window's keys and nothing else. One program
+# then owns whole windows: q, k, v are read once, the scores are one dense block, the softmax
+# needs no online rescaling, and the backward needs no second pass over overlapping windows
+# (dq, dk, dv of a window come from that window alone). The rpb values depend only on the
+# (query, key) positions inside the window, so a program gathers them once and reuses them
+# for every batch element it loops over; their gradient is summed in registers over that loop.
+_WIN_SIZES = ["B", "H", "NTOK", "L1", "L2", "K0", "K1", "K2", "D0", "D1", "D2", "NW1", "NW2",
+              "NWIN", "BPER", "dk_real", "dv_real"]  # fmt: skip
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit(do_not_specialize=_WIN_SIZES)
+def _na_win_kernel(
+    Q, Kp, V, Out, LSE, BIAS, RPB, DO, DLSE, DQ, DK_, DV_, DSB, DTILE,
+    sqb, sq0, sq1, sq2, sqh, sqd,
+    skb, sk0, sk1, sk2, skh, skd,
+    svb, sv0, sv1, sv2, svh, svd,
+    sob, so0, so1, so2, soh, sod,
+    sgb, sg0, sg1, sg2, sgh, sgd,
+    shb, sh0, sh1, sh2, shh, shd,
+    sbb, sbh, srh,
+    B, H, NTOK, L1, L2, K0, K1, K2, D0, D1, D2, NW1, NW2, NWIN, BPER,
+    scale2, dk_real, dv_real,
+    HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BWD: tl.constexpr, DBIAS_MODE: tl.constexpr, WRITE_DTILE: tl.constexpr,
+    P: tl.constexpr, WP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Whole-window attention: ``P`` windows of ``WP`` (padded) tokens per program, looping
+    over ``BPER`` batch elements. Forward writes O and LSE; ``BWD`` writes dq, dk, dv and, per
+    ``DBIAS_MODE``, the logit gradient dS in ``[B, h, N, K]`` layout (1: per batch element,
+    2: summed over this program's batch elements into ``[splits, h, N, K]``); ``WRITE_DTILE``
+    sums dS per (query position, key position) of the window into ``[tiles, splits, h, WP,
+    WP]`` (the rpb gradient before its scatter onto the table)."""
+    BM: tl.constexpr = P * WP
+    pid = tl.program_id(0)
+    h = pid % H
+    tile = pid // H
+    split = tl.program_id(1)
+    b_lo = split * BPER
+    b_hi = tl.minimum(b_lo + BPER, B)
+    KT = K0 * K1 * K2
+
+    r = tl.arange(0, BM)
+    slot = r // WP
+    pos = r % WP
+    w = tile * P + slot
+    ok = (pos < KT) & (w < NWIN)
+    # window -> (group, window in group) per axis; position in window -> offsets
+    w2 = w % NW2
+    w1 = (w // NW2) % NW1
+    w0 = w // (NW2 * NW1)
+    p2 = pos % K2
+    p1 = (pos // K2) % K1
+    p0 = pos // (K2 * K1)
+    i0 = ((w0 // D0) * K0 + p0) * D0 + w0 % D0
+    i1 = ((w1 // D1) * K1 + p1) * D1 + w1 % D1
+    i2 = ((w2 // D2) * K2 + p2) * D2 + w2 % D2
+    qflat = (i0 * L1 + i1) * L2 + i2
+    same = (slot[:, None] == slot[None, :]) & ok[None, :]
+
+    dq_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    qmask = ok[:, None] & (dq_[None, :] < dk_real)
+    vmask = ok[:, None] & (dv_[None, :] < dv_real)
+    q_off = (i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh)[:, None] + dq_[None, :] * sqd
+    k_off = (i0 * sk0 + i1 * sk1 + i2 * sk2 + h * skh)[:, None] + dq_[None, :] * skd
+    v_off = (i0 * sv0 + i1 * sv1 + i2 * sv2 + h * svh)[:, None] + dv_[None, :] * svd
+    o_off = (i0 * so0 + i1 * so1 + i2 * so2 + h * soh)[:, None] + dv_[None, :] * sod
+    l_off = qflat * H + h
+    if HAS_RPB:
+        # relative index (key - query + K - 1) per axis, row-major over the (2K-1) table
+        T1 = 2 * K1 - 1
+        T2 = 2 * K2 - 1
+        rq = ((K0 - 1 - p0) * T1 + (K1 - 1 - p1)) * T2 + (K2 - 1 - p2)
+        rk = (p0 * T1 + p1) * T2 + p2
+        pair = (pos < KT)[:, None] & (pos < KT)[None, :]
+        tb = tl.load(RPB + h * srh + rq[:, None] + rk[None, :], mask=pair, other=0.0)
+        tb = tb.to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        b_off = h * sbh + qflat[:, None] * KT + pos[None, :]
+        bmask = ok[:, None] & same
+    if BWD:
+        if DBIAS_MODE == 2:
+            ds_sum = tl.zeros([BM, BM], dtype=tl.float32)
+        if WRITE_DTILE:
+            dt_sum = tl.zeros([BM, BM], dtype=tl.float32)
+
+    one64 = tl.full([], 1, tl.int64)  # 64-bit batch offsets (the interpreter's loop var is int)
+    for b in range(b_lo, b_hi):
+        bb = b * one64
+        q = tl.load(Q + bb * sqb + q_off, mask=qmask, other=0.0)
+        k = tl.load(Kp + bb * skb + k_off, mask=qmask, other=0.0)
+        v = tl.load(V + bb * svb + v_off, mask=vmask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * scale2
+        if HAS_RPB:
+            s = s + tb
+        if HAS_BIAS:
+            bv = tl.load(BIAS + bb * sbb + b_off, mask=bmask, other=0.0)
+            s = s + bv.to(tl.float32) * 1.4426950408889634
+        # -1e30, not -inf: a padding window has no valid key, and its rows must stay finite
+        s = tl.where(same, s, -1.0e30)
+        lrow = bb * NTOK * H + l_off
+        if BWD:
+            do = tl.load(DO + bb * sob + o_off, mask=vmask, other=0.0)
+            o = tl.load(Out + bb * sob + o_off, mask=vmask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            if HAS_DLSE:
+                delta = delta - tl.load(DLSE + lrow, mask=ok, other=0.0)
+            lse2 = tl.load(LSE + lrow, mask=ok, other=0.0) * 1.4426950408889634
+            p = tl.where(same, tl.exp2(s - lse2[:, None]), 0.0)
+            dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(k.dtype), k, IEEE) * (scale2 * 0.6931471805599453)
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * (scale2 * 0.6931471805599453)
+            g_off = (i0 * sg0 + i1 * sg1 + i2 * sg2 + h * sgh)[:, None] + dq_[None, :] * sgd
+            tl.store(DQ + bb * sgb + g_off, dq.to(DQ.dtype.element_ty), mask=qmask)
+            tl.store(DK_ + bb * sgb + g_off, dk.to(DK_.dtype.element_ty), mask=qmask)
+            e_off = (i0 * sh0 + i1 * sh1 + i2 * sh2 + h * shh)[:, None] + dv_[None, :] * shd
+            tl.store(DV_ + bb * shb + e_off, dv.to(DV_.dtype.element_ty), mask=vmask)
+            if DBIAS_MODE == 1:
+                ds_row = (bb * H + h) * NTOK * KT + qflat * KT
+                tl.store(DSB + ds_row[:, None] + pos[None, :], ds, mask=ok[:, None] & same)
+            if DBIAS_MODE == 2:
+                ds_sum += ds
+            if WRITE_DTILE:
+                dt_sum += ds
+        else:
+            m = tl.max(s, 1)
+            pe = tl.exp2(s - m[:, None])
+            l_i = tl.sum(pe, 1)
+            o = _dot(pe.to(v.dtype), v, IEEE) / l_i[:, None]
+            tl.store(Out + bb * sob + o_off, o.to(Out.dtype.element_ty), mask=vmask)
+            tl.store(LSE + lrow, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
+
+    if BWD:
+        if DBIAS_MODE == 2:
+            ds_row = (split.to(tl.int64) * H + h) * NTOK * KT + qflat * KT
+            tl.store(DSB + ds_row[:, None] + pos[None, :], ds_sum, mask=ok[:, None] & same)
+        if WRITE_DTILE:
+            if P == 1:
+                folded = dt_sum
+            else:
+                # off-diagonal (window, window) blocks are zero: summing both window axes
+                # adds up the P diagonal blocks
+                folded = tl.sum(tl.sum(tl.reshape(dt_sum, [P, WP, P, WP]), 2), 0)
+            wr = tl.arange(0, WP)
+            t_off = ((tile * tl.num_programs(1) + split) * H + h).to(tl.int64) * (WP * WP)
+            tl.store(DTILE + t_off + wr[:, None] * WP + wr[None, :], folded)
+
+
 # ----------------------------------------------------------------------------- host side
 def _pad3(vals: tuple, n: int, fill) -> tuple:
     return (fill,) * (3 - n) + tuple(vals)
@@ -695,12 +858,186 @@ def _rpb_args(rpb: Tensor | None, q: Tensor):
     return rpb, rpb.stride(0)
 
 
+class _WinPlan(NamedTuple):
+    """Launch plan of the whole-window kernel (see ``_na_win_kernel``)."""
+
+    n: int
+    sizes: tuple  # B, H, NTOK, L1, L2, K0..2, D0..2, NW1, NW2, NWIN
+    P: int
+    WP: int
+    ntiles: int
+    fwd_split: tuple  # (splits, batch elements per program)
+    bwd_split: tuple
+    scale2: float
+    dk: int
+    dv: int
+    ntok: int
+    kt: int
+    meta: dict  # constexprs + launch options shared by every flag combination
+    metas: dict  # per flag combination: DirectLauncher meta (filled lazily)
+
+
+def _splits(B: int, per: int, target: int) -> tuple[int, int]:
+    """Batch splits so that about ``target`` programs run: (splits, batch elements each)."""
+    want = max(1, min(B, -(-target // per)))
+    bper = -(-B // want)
+    return -(-B // bper), bper
+
+
+@functools.lru_cache(maxsize=1024)
+def _win_plan_cached(
+    shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: tuple, sms: int
+) -> _WinPlan | None:
+    t = dict(tune)
+    if t.get("no_window"):
+        return None
+    n = len(shape) - 3
+    L = _pad3(shape[1 : 1 + n], n, 1)
+    K = _pad3(p.kernel_size, n, 1)
+    S = _pad3(p.stride, n, 1)
+    D = _pad3(p.dilation, n, 1)
+    if any(p.is_causal) or any(L[a] % (K[a] * D[a]) for a in range(3)):
+        return None
+    # windows tile the map when kernel = stride; with clamped borders also on an axis where
+    # each dilation group is a single window (MaxViT grid: stride 1, dilation = map / grid),
+    # since every query of the group then sees the whole group whatever the stride
+    if any(S[a] != K[a] and (p.zero_border or L[a] != K[a] * D[a]) for a in range(3)):
+        return None
+    kt = math.prod(K)
+    WP = next_pow2(kt, 1)
+    if WP > 128:  # one window per program must fit a [WP, WP] score block in registers
+        return None
+    B, H, dk = shape[0], shape[-2], shape[-1]
+    nw = tuple(L[a] // K[a] for a in range(3))
+    nwin = math.prod(nw)
+    # small windows are packed (block-diagonal scores) up to 64 rows; tl.dot needs >= 16
+    P = max(min(t.get("win_rows", 64) // WP, next_pow2(nwin, 1)), -(-16 // WP), 1)
+    ntiles = -(-nwin // P)
+    dkp, dvp = _head_pads(dk, dv)
+    ieee = dtype == torch.float32
+    meta = dict(P=P, WP=WP, DK=dkp, DV=dvp, IEEE=ieee)
+    rows = P * WP
+    if ieee and max(dkp, dvp) >= 64 or rows >= 128:
+        meta["num_warps"] = 8
+    for key, opt in (("win_warps", "num_warps"), ("win_stages", "num_stages")):
+        if t.get(key):
+            meta[opt] = t[key]
+    per = ntiles * H
+    return _WinPlan(
+        n=n, sizes=(B, H, math.prod(L), L[1], L[2], *K, *D, nw[1], nw[2], nwin), P=P, WP=WP,
+        ntiles=ntiles, fwd_split=_splits(B, per, t.get("win_fwd_target", 8 * sms)),
+        bwd_split=_splits(B, per, t.get("win_bwd_target", 4 * sms)), scale2=p.scale * _LOG2E,
+        dk=dk, dv=dv, ntok=math.prod(L), kt=kt, meta=meta, metas={},
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _win_plan(q: Tensor, dv: int, p: NAParams) -> _WinPlan | None:
+    tune = tuple(sorted(_TUNE.items())) if _TUNE else ()
+    sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
+    return _win_plan_cached(tuple(q.shape), dv, q.dtype, p, tune, sms)
+
+
+@functools.lru_cache(maxsize=64)
+def _win_rel(K: tuple, WP: int, device: str) -> tuple[Tensor, Tensor]:
+    """(flat ``[WP, WP]`` tile position, flat rpb-table index) of every valid window pair."""
+    with torch.inference_mode(False):
+        grids = torch.meshgrid(*(torch.arange(k) for k in K), indexing="ij")
+        c = torch.stack([g.reshape(-1) for g in grids])  # [3, kt]
+        kt = c.shape[1]
+        rel = torch.zeros(kt, kt, dtype=torch.long)
+        for a in range(3):
+            rel = rel * (2 * K[a] - 1) + (c[a][None, :] - c[a][:, None] + K[a] - 1)
+        pos = torch.arange(kt)
+        tile = (pos[:, None] * WP + pos[None, :]).reshape(-1)
+        return tile.to(device), rel.reshape(-1).to(device)
+
+
+_win_launch = DirectLauncher(_na_win_kernel, "VISIONATTN_NA_FAST_LAUNCH")
+_WIN_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "DBIAS_MODE", "WRITE_DTILE")
+
+
+def _win_call(
+    wp: _WinPlan, bwd: bool, tensors: tuple, q, k, v, out, g, hgrad, sbb, sbh, srh, flags
+) -> None:
+    n = wp.n
+    m = wp.metas.get(flags)
+    if m is None:
+        m = wp.metas[flags] = _meta(dict(wp.meta, **dict(zip(_WIN_FLAGS, flags))))
+    splits, bper = wp.bwd_split if bwd else wp.fwd_split
+    _win_launch(
+        (wp.ntiles * wp.sizes[1], splits),
+        tensors,
+        (
+            *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
+            *_strides_of(g, n), *_strides_of(hgrad, n), sbb, sbh, srh, *wp.sizes, bper,
+            wp.scale2, wp.dk, wp.dv,
+        ),
+        *m,
+    )  # fmt: skip
+
+
+def _win_forward(wp: _WinPlan, q, k, v, rpb, bias):
+    out = q.new_empty(*q.shape[:-1], wp.dv)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    bias_t, sbb, sbh = _bias_args(bias, q)
+    rpb_t, srh = _rpb_args(rpb, q)
+    flags = (bias is not None, rpb is not None, False, False, 0, False)
+    tensors = (q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q, q, q)
+    _win_call(wp, False, tensors, q, k, v, out, q, v, sbb, sbh, srh, flags)
+    return out, lse
+
+
+def _win_backward(wp: _WinPlan, dout, dlse, q, k, v, out, lse, rpb, bias, need_drpb,
+                  need_dbias):  # fmt: skip
+    B, H = q.shape[0], q.shape[-2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
+    splits = wp.bwd_split[0]
+    mode = 0
+    ds = dtile = None
+    if need_dbias:
+        mode = 2 if (bias.shape[0] == 1 and B > 1) else 1
+        bd = splits if mode == 2 else B
+        # causal-free whole windows: every (query, window position) entry is written
+        ds = torch.empty(bd, H, wp.ntok, wp.kt, dtype=torch.float32, device=q.device)
+    if need_drpb:
+        dtile = torch.empty(
+            wp.ntiles * splits, H, wp.WP, wp.WP, dtype=torch.float32, device=q.device
+        )
+    bias_t, sbb, sbh = _bias_args(bias, q)
+    rpb_t, srh = _rpb_args(rpb, q)
+    flags = (bias is not None, rpb is not None, dlse is not None, True, mode, need_drpb)
+    tensors = (
+        q, k, v, out, lse, bias_t, rpb_t, dout, dlse if dlse is not None else lse, dq, dkt,
+        dvt, ds if ds is not None else q, dtile if dtile is not None else q,
+    )  # fmt: skip
+    _win_call(wp, True, tensors, q, k, v, out, dq, dvt, sbb, sbh, srh, flags)
+    if mode == 2:
+        ds = ds.sum(0, keepdim=True)
+    drpb = None
+    if need_drpb:
+        tpos, rel = _win_rel(wp.sizes[5:8], wp.WP, str(q.device))
+        summed = dtile.sum(0).reshape(H, -1)[:, tpos]  # [h, kt * kt]
+        drpb = torch.zeros(H, rpb[0].numel(), dtype=torch.float32, device=q.device)
+        drpb.index_add_(1, rel, summed)
+    return dq, dkt, dvt, ds, drpb
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | None, p: NAParams):
     """Returns ``(out [B, *S, h, dv], lse [B, *S, h] float32)``.
 
     ``rpb``: ``[h, 2k-1, ...]`` table (read in the kernel); ``bias``: attn_bias as
     ``[B|1, h|1, N, K]``.
     """
+    wp = _win_plan(q, v.shape[-1], p)
+    if wp is not None:
+        return _win_forward(wp, q, k, v, rpb, bias)
     pl = _plan(q, v.shape[-1], p)
     n = pl.n
     out = q.new_empty(*q.shape[:-1], pl.dv)
@@ -731,13 +1068,17 @@ def backward(
     rpb: Tensor | None,
     bias: Tensor | None,
     p: NAParams,
-    need_ds: bool,
-    ds_per_batch: bool,
+    need_drpb: bool,
+    need_dbias: bool,
 ):
-    """Returns ``(dq, dk, dv, ds)``; ``ds`` is the logit gradient (None unless ``need_ds``):
-    ``[B, h, N, K]`` float32 if ``ds_per_batch``, else its batch sum ``[1, h, N, K]``."""
-    pl = _plan(q, v.shape[-1], p)
-    n = pl.n
+    """Returns ``(dq, dk, dv, ds, drpb)``.
+
+    ``ds`` is the logit gradient in window layout, float32, None unless ``need_dbias``:
+    ``[B, h, N, K]`` if attn_bias has a batch axis, else its batch sum ``[1, h, N, K]``
+    (the general kernels also return it for ``need_drpb`` alone). ``drpb`` is rpb's gradient
+    ``[h, table size]`` float32 where the whole-window kernel computed it directly, else None
+    (then the caller scatters ``ds`` onto the table).
+    """
     B, H = q.shape[0], q.shape[-2]
     # dO is read with O's strides (the dq kernel forms delta = rowsum(dO * O) itself)
     if dout.stride() != out.stride():
@@ -748,6 +1089,13 @@ def backward(
         lse = lse.contiguous()
     if dlse is not None and (dlse.dtype != torch.float32 or not dlse.is_contiguous()):
         dlse = dlse.float().contiguous()
+    wp = _win_plan(q, v.shape[-1], p)
+    if wp is not None:
+        return _win_backward(wp, dout, dlse, q, k, v, out, lse, rpb, bias, need_drpb, need_dbias)
+    pl = _plan(q, v.shape[-1], p)
+    n = pl.n
+    need_ds = need_drpb or need_dbias
+    ds_per_batch = need_dbias and bias.shape[0] != 1
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -787,4 +1135,4 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb)),
     )  # fmt: skip
-    return dq, dkt, dvt, ds
+    return dq, dkt, dvt, ds, None

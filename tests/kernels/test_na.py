@@ -152,13 +152,19 @@ def test_reference_matches_oracle_fp64(seed):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)  # lse is float32
     # Gradients, including through lse (e.g. merging with other attention).
-    g_out = torch.randn_like(out)
-    g_lse = torch.randn_like(ref_lse)
-    inputs = [t for t in (q, k, v, rpb, ab) if t is not None]
-    got = torch.autograd.grad((out * g_out).sum() + (lse.double() * g_lse).sum(), inputs)
-    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), inputs)
-    for name, a, b_ in zip(["q", "k", "v", "rpb", "attn_bias"], got, want):
-        torch.testing.assert_close(a, b_, atol=1e-6, rtol=1e-6, msg=f"grad {name}")
+    g_out = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    g_lse = torch.randn(ref_lse.shape, dtype=ref_lse.dtype, generator=gen)
+    leaves = {"q": q, "k": k, "v": v, "rpb": rpb, "attn_bias": ab}
+    leaves = {n_: t for n_, t in leaves.items() if t is not None}
+    got = torch.autograd.grad(
+        (out * g_out).sum() + (lse.double() * g_lse).sum(), list(leaves.values())
+    )
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), list(leaves.values()))
+    for name, a, b_ in zip(leaves, got, want):
+        # the backward recomputes P from the float32 lse (relative error ~1e-7); the table
+        # gradients sum P-weighted terms over every query, so the error scales with them
+        atol = 1e-6 * max(1.0, b_.abs().max().item())
+        torch.testing.assert_close(a, b_, atol=atol, rtol=1e-6, msg=f"grad {name}")
 
 
 def test_reference_fp32_and_strided_views():

@@ -37,6 +37,14 @@ def make_config(rng: random.Random, small: bool) -> dict:
         st.append(rng.randint(1, k))
         dl.append(d)
         ca.append(rng.random() < 0.2)
+    if rng.random() < 0.2:
+        # windows that tile the map (kernel = stride, whole windows per dilation group): the
+        # whole-window kernel's cases, e.g. MaxViT block/grid, Swin, EfficientViT
+        for a in range(n_dims):
+            spatial[a] = ks[a] * dl[a] * rng.randint(1, 2 if small else 4)
+            one = spatial[a] == ks[a] * dl[a]
+            st[a] = rng.randint(1, ks[a]) if one and rng.random() < 0.5 else ks[a]
+            ca[a] = False
     if small:
         hd = rng.choice([16, 16, 12, 32])
         dv = rng.choice([hd, hd, 8, 24])
@@ -171,6 +179,69 @@ def test_triton_interpreter_sweep(pair):
         assert not result["failures"], json.dumps(result["failures"][:5], indent=1)
 
 
+# Whole-window kernel: configs with the launch knobs that the random sweep leaves at their
+# defaults (several batch elements per program, packed small windows, split partial sums).
+_WINDOW_CASES = [
+    # (tune, cfg overrides)
+    ({"win_fwd_target": 1, "win_bwd_target": 2}, dict(spatial=[14, 14], kernel_size=[7, 7],
+     stride=[7, 7], batch=5, rpb=True, attn_bias="b1")),
+    ({}, dict(spatial=[8, 12], kernel_size=[2, 3], stride=[2, 3], dilation=[2, 1], batch=3,
+     rpb=True, head_dim_v=24)),
+    ({"win_rows": 16}, dict(spatial=[8, 8], kernel_size=[2, 2], stride=[2, 2], batch=2,
+     attn_bias="full")),
+    ({"win_bwd_target": 1}, dict(spatial=[12, 12], kernel_size=[4, 4], stride=[1, 1],
+     dilation=[3, 3], batch=3, rpb=True, attn_bias="h1")),
+    ({}, dict(spatial=[4, 4, 6], kernel_size=[2, 2, 3], stride=[2, 2, 3], dilation=[1, 1, 2],
+     rpb=True)),
+]  # fmt: skip
+
+
+def _window_cfg(over: dict) -> dict:
+    n = len(over["spatial"])
+    cfg = dict(
+        stride=[1] * n, dilation=[1] * n, is_causal=[False] * n, border="clamp", batch=1,
+        heads=2, head_dim=16, head_dim_v=16, rpb=False, attn_bias=None, qkv_view=False,
+        scale=None,
+    )  # fmt: skip
+    cfg.update(over)
+    return cfg
+
+
+def test_window_plan_choice():
+    """The whole-window kernel takes exactly the patterns whose windows tile the map."""
+    from visionattn.kernels import na_triton
+    from visionattn.kernels._common import NAParams
+
+    def plan(shape, k, s, d, causal=False, zero=False):
+        p = NAParams(k, s, d, (causal,) * len(k), zero, 1.0)
+        return na_triton._win_plan(torch.empty(shape), shape[-1], p)
+
+    assert plan((2, 56, 56, 2, 32), (7, 7), (7, 7), (1, 1)) is not None  # MaxViT block
+    assert plan((2, 56, 56, 2, 32), (7, 7), (1, 1), (8, 8)) is not None  # MaxViT grid
+    assert plan((2, 56, 56, 2, 32), (7, 7), (1, 1), (8, 8), zero=True) is None  # centred
+    assert plan((2, 56, 56, 2, 32), (7, 7), (1, 1), (1, 1)) is None  # NAT
+    assert plan((2, 57, 56, 2, 32), (7, 7), (7, 7), (1, 1)) is None  # partial window
+    assert plan((2, 56, 56, 2, 32), (7, 7), (7, 7), (1, 1), causal=True) is None
+    assert plan((2, 64, 64, 2, 32), (16, 16), (16, 16), (1, 1)) is None  # > 128 tokens
+    small = plan((2, 8, 8, 2, 32), (2, 2), (2, 2), (1, 1))
+    assert small.WP == 4 and small.P == 16  # 16 packed windows of 4 tokens: 64 rows
+
+
+@pytest.mark.parametrize("case", range(len(_WINDOW_CASES)))
+def test_window_kernel_interpreter(case):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("VISIONATTN_NA_IMPL", None)
+    proc = subprocess.run(
+        [sys.executable, str(_FILE), "window", str(case)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["window_plan"], "the case must take the whole-window kernel"
+    assert result["error"] is None, result["error"]
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_triton_gpu_sweep():
@@ -223,6 +294,25 @@ def test_triton_gpu_sweep():
             ),
         ),  # fmt: skip
         (
+            "maxvit_block",
+            dict(spatial=[56, 56], kernel_size=[7, 7], stride=[7, 7], head_dim=32, rpb=True),
+        ),  # fmt: skip
+        (
+            "maxvit_grid_s1",
+            dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[8, 8], head_dim=32, rpb=True),
+        ),  # fmt: skip
+        (
+            "efficientvit",
+            dict(
+                spatial=[7, 7],
+                kernel_size=[7, 7],
+                stride=[7, 7],
+                head_dim=16,
+                head_dim_v=64,
+                attn_bias="b1",
+            ),
+        ),  # fmt: skip
+        (
             "halonet",
             dict(
                 spatial=[64, 64],
@@ -251,9 +341,27 @@ def test_triton_gpu_model_shapes(name, cfg, dtype):
     assert err is None, err
 
 
+def _window_worker(case: int) -> dict:
+    from visionattn.kernels import na_triton
+    from visionattn.kernels._common import NAParams
+
+    tune, over = _WINDOW_CASES[case]
+    cfg = _window_cfg(over)
+    na_triton._TUNE.update(tune)
+    n = len(cfg["spatial"])
+    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
+                 (False,) * n, False, 1.0)  # fmt: skip
+    shape = (cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
+    chosen = na_triton._win_plan(torch.empty(shape), cfg["head_dim_v"], p) is not None
+    return dict(window_plan=chosen, error=check_config(cfg, torch.float32, "cpu", 11 + case))
+
+
 if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_INTERPRET=1 is set
-    chunk, count = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
+    if sys.argv[1] == "window":
+        print(json.dumps(_window_worker(int(sys.argv[2]))))
+        sys.exit(0)
+    chunk, count = int(sys.argv[1]), int(sys.argv[2])
     if sys.argv[3:] == ["cuda"]:
         dts = [torch.float32, torch.float16, torch.bfloat16]
         fails = run_sweep(
