@@ -233,6 +233,215 @@ def _routed_fwd_kernel(
 
 
 @triton.jit
+def _routed_fwd_heads_kernel(
+    Q, K, V, IDX, OUT, LSE,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
+    HEADS, N_HBLK, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
+    qk_scale,  # scale * log2(e)
+    N_MBLK,
+    STORE_LSE: tl.constexpr, HB: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # The forward above for HB heads at once (3-D tensors [HB, rows, ...], batched tl.dot):
+    # small tiles give a program little work, so its few loads wait alone; HB heads issue HB
+    # times the loads together, and with shared indices (BiFormer) their key rows are adjacent
+    # in memory and one index lookup serves all of them.
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // N_HBLK).to(tl.int64)
+    hh = (pid_bh % N_HBLK) * HB + tl.arange(0, HB)
+    h_ok = hh < HEADS
+    hh = tl.minimum(hh, HEADS - 1)
+    n_keys = TOPK * KTH * KTW
+    tile0, g, t, m_ok, y, x = _rows(pid_t, N_MBLK, T, TH, TW, NW, PACK, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    hm_ok = h_ok[:, None] & m_ok[None, :]  # [HB, M]
+
+    q_ptrs = (
+        Q + b * sqb + hh[:, None, None] * sqn
+        + (y * sqh + x * sqw)[None, :, None] + offs_d[None, None, :] * sqd
+    )  # fmt: skip
+    q = tl.load(q_ptrs, mask=hm_ok[:, :, None] & d_ok[None, None, :], other=0.0)
+
+    lk = KTH * KTW
+    idx_h = b * sib + hh * sih  # [HB] (sih is 0 for shared lists)
+    m_i = tl.full([HB, BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HB, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([HB, BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    c = tl.arange(0, PACK * BLOCK_NT)
+    gc = c // BLOCK_NT
+    tq = tl.minimum(tile0 + gc, T - 1)
+    for n0 in range(0, n_keys, BLOCK_NT):
+        kn = n0 + c % BLOCK_NT
+        n_ok = (kn < n_keys) & (tile0 + gc < T)  # [N]
+        slot = kn // lk
+        pix = kn % lk
+        j = tl.load(
+            IDX + idx_h[:, None] + (tq * sit + slot * sik)[None, :],
+            mask=h_ok[:, None] & n_ok[None, :],
+            other=0,
+        ).to(tl.int32)  # [HB, N]
+        j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
+        ky = (j // KNW) * KTH + (pix // KTW)[None, :]
+        kx = (j % KNW) * KTW + (pix % KTW)[None, :]
+        hn_ok = h_ok[:, None] & n_ok[None, :]
+        kt = tl.load(
+            K
+            + b * skb
+            + (hh[:, None] * skn + ky * skh + kx * skw)[:, None, :]
+            + offs_d[None, :, None] * skd,
+            mask=hn_ok[:, None, :] & d_ok[None, :, None],
+            other=0.0,
+        )  # [HB, D, N]
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale  # [HB, M, N]
+        ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # [M, N], block-diagonal when packed
+        s = tl.where(ok[None, :, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        vb = tl.load(
+            V
+            + b * svb
+            + (hh[:, None] * svn + ky * svh + kx * svw)[:, :, None]
+            + offs_dv[None, None, :] * svd,
+            mask=hn_ok[:, :, None] & dv_ok[None, None, :],
+            other=0.0,
+        )  # [HB, N, DV]
+        acc = acc * alpha[:, :, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
+        m_i = m_new
+
+    acc = acc / l_i[:, :, None]
+    o_ptrs = (
+        OUT + b * sob + hh[:, None, None] * son
+        + (y * soh + x * sow)[None, :, None] + offs_dv[None, None, :] * sod
+    )  # fmt: skip
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=hm_ok[:, :, None] & dv_ok[None, None, :])
+    if STORE_LSE:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + b * slb + hh[:, None] * sln + (y * slh + x * slw)[None, :], lse, mask=hm_ok)
+
+
+@triton.jit
+def _routed_fwd_dense_kernel(
+    Q, K, V, IDX, OUT, LSE,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
+    HEADS, T, QT, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
+    qk_scale,  # scale * log2(e)
+    STORE_LSE: tl.constexpr, MT: tl.constexpr, LQP: tl.constexpr, NT: tl.constexpr,
+    LKP: tl.constexpr, TOPK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # Routing that lists a large share of a small kv map (BiFormer-T's 14x14 stage: 16 of 49
+    # tiles): instead of gathering every query tile's keys (each kv row read topk times per
+    # head), QT query tiles (MT slots of LQP rows, tile-major) walk the whole kv map in steps
+    # of NT tiles (LKP keys each) and weight each key by how many times its tile is listed
+    # for the row's tile (0 = masked; duplicates count with multiplicity, as in the gather).
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    h = pid_bh % HEADS
+    BLOCK_M: tl.constexpr = MT * LQP
+    BLOCK_N: tl.constexpr = NT * LKP
+    lq = TH * TW
+    lk = KTH * KTW
+    r = tl.arange(0, BLOCK_M)
+    tr = r // LQP
+    pr = r % LQP
+    t = pid_q * QT + tr
+    m_ok = (tr < QT) & (t < T) & (pr < lq)
+    t = tl.minimum(t, T - 1)
+    y = (t // NW) * TH + pr // TW
+    x = (t % NW) * TW + pr % TW
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    q = tl.load(
+        Q + b * sqb + h * sqn + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    # the index lists of this program's query tiles, [MT, TOPK_P] (-1: no entry)
+    ti = tl.arange(0, MT)
+    tqi = pid_q * QT + ti
+    ti_ok = (ti < QT) & (tqi < T)
+    sl = tl.arange(0, TOPK_P)
+    e_ok = ti_ok[:, None] & (sl < TOPK)[None, :]
+    lists = tl.load(
+        IDX + b * sib + h * sih + tl.minimum(tqi, T - 1)[:, None] * sit + sl[None, :] * sik,
+        mask=e_ok,
+        other=0,
+    ).to(tl.int32)
+    lists = tl.where(e_ok, tl.minimum(tl.maximum(lists, 0), N_KV_TILES - 1), -1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_base = K + b * skb + h * skn
+    v_base = V + b * svb + h * svn
+    cc = tl.arange(0, BLOCK_N)
+    kp = cc % LKP
+    for j0 in range(0, N_KV_TILES, NT):
+        jt = j0 + tl.arange(0, NT)
+        # multiplicity of kv tile jt in query tile ti's list: [MT, NT]
+        cnt_t = tl.sum((lists[:, :, None] == jt[None, None, :]).to(tl.int32), 1)
+        if tl.max(tl.max(cnt_t, 1), 0) > 0:  # no listed tile in this step: nothing to add
+            # expand the tile counts to [rows, keys]: MASK 0 by a reshape of the broadcast,
+            # 1 by two one-hot products on the tensor cores (exact for small integers),
+            # 2 not at all (every key counts once: a timing diagnostic, not attention)
+            if MASK == 0:
+                cnt = tl.reshape(
+                    tl.broadcast_to(cnt_t[:, None, :, None], (MT, LQP, NT, LKP)),
+                    (BLOCK_M, BLOCK_N),
+                ).to(tl.float32)
+            elif MASK == 1:
+                e_r = (tr[:, None] == tl.arange(0, MT)[None, :]).to(tl.float16)
+                e_c = (tl.arange(0, NT)[:, None] == (cc // LKP)[None, :]).to(tl.float16)
+                cnt = tl.dot(tl.dot(e_r, cnt_t.to(tl.float16)).to(tl.float16), e_c)
+            else:
+                cnt = tl.full([BLOCK_M, BLOCK_N], 1.0, dtype=tl.float32)
+            jk = j0 + cc // LKP
+            n_ok = (jk < N_KV_TILES) & (kp < lk)
+            jk = tl.minimum(jk, N_KV_TILES - 1)
+            ky = (jk // KNW) * KTH + kp // KTW
+            kx = (jk % KNW) * KTW + kp % KTW
+            kt = tl.load(
+                k_base + ky[None, :] * skh + kx[None, :] * skw + offs_d[:, None] * skd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            s = _dot(q, kt, PREC, UPCAST) * qk_scale
+            # log2(multiplicity) in the exponent: a tile listed twice counts twice
+            s = tl.where(n_ok[None, :] & (cnt > 0), s + tl.log2(cnt), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vb = tl.load(
+                v_base + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd,
+                mask=n_ok[:, None] & dv_ok[None, :],
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
+            m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    if STORE_LSE:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + b * slb + h * sln + y * slh + x * slw, lse, mask=m_ok)
+
+
+@triton.jit
 def _routed_bwd_dq_kernel(
     Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ, DELTA,
     sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
@@ -509,7 +718,7 @@ def _geometry(q, k, tiles):
 
 # Block-shape knobs (tuned on an H200; tests and benchmarks may override them).
 # fwd_rows / dq_rows: query rows per forward / dq program when small tiles are packed;
-# fwd_cols: keys per step (all packed tiles together); dkv_keys: keys per dK/dV program when
+# fwd_cols / dq_cols: keys per forward / dq step (all packed tiles together); dkv_keys: keys per dK/dV program when
 # small kv tiles are packed; dkv_rows: query rows per dK/dV step; warps: num_warps of the
 # kernels when their fixed side (query rows, or keys for dK/dV) is > 32, small_warps when
 # <= 32 (H200: 2 warps made the 28x28 and 14x14 BiFormer stages 20-30% faster, 8 warps 2-3x
@@ -517,10 +726,26 @@ def _geometry(q, k, tiles):
 # (index entries per (batch, head), rounded to a power of two) x (kv tiles per program) is at
 # most this, else a separate index launch does (H200: in-kernel saved a launch on the 28x28
 # stage, but cost 25% of the 14x14 stage's GPU time, where every program scans 8 times).
+# fwd_heads: at most this many heads per forward program (half dtypes; heads x rows <=
+# fwd_head_rows), fwd_stages: num_stages of that kernel and the dense one.  dense_*: the
+# forward walks the whole kv map with multiplicity weights (:func:`_routed_fwd_dense_kernel`)
+# when n_kv_tiles <= dense_ratio * topk (0: never), in blocks of about dense_rows query rows x
+# dense_cols keys, if its [tiles, topk, tiles] count compare has at most dense_cmp entries;
+# dense_mask: how tile counts become the score mask (0 reshape, 1 one-hot dots), dense_warps.
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
+    fwd_heads=4,
+    fwd_head_rows=64,
+    dense_ratio=0,
+    dense_rows=64,
+    dense_cols=64,
+    dense_cmp=4096,
+    dense_warps=4,
+    dense_mask=1,
+    fwd_stages=2,
     dq_rows=32,
-    fwd_cols=128,
+    fwd_cols=64,
+    dq_cols=128,
     dkv_keys=32,
     dkv_rows=64,
     warps=4,
@@ -537,11 +762,13 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
-def _q_blocks(lq: int, n_keys: int, d: int, dv: int, rows: int) -> tuple[int, int, int, int]:
+def _q_blocks(
+    lq: int, n_keys: int, d: int, dv: int, rows: int, cols: int
+) -> tuple[int, int, int, int]:
     """``(pack, block_m, block_nt, n_mblk)`` for the forward and dq kernels: ``pack`` whole query
     tiles per program when tiles are small (each with its own ``block_nt`` keys per step, a
     block-diagonal score block), else one ``block_m`` slice of one tile."""
-    cols = TUNE["fwd_cols"] if max(d, dv) <= 64 else TUNE["fwd_cols"] // 2
+    cols = cols if max(d, dv) <= 64 else cols // 2
     pack = max(1, _pow2_floor(rows // lq)) if 2 * lq <= rows else 1
     if pack > 1:
         block_m = _next_pow2(pack * lq)
@@ -551,6 +778,23 @@ def _q_blocks(lq: int, n_keys: int, d: int, dv: int, rows: int) -> tuple[int, in
     block_m = min(64, _next_pow2(lq))
     cap = 64 if max(d, dv) <= 64 else 32
     return 1, block_m, min(cap, _next_pow2(n_keys)), _cdiv(lq, block_m)
+
+
+def _dense_blocks(t: int, lq: int, n_kv: int, lk: int, topk: int):
+    """``(mt, lqp, nt, lkp, topk_p, qt)`` for :func:`_routed_fwd_dense_kernel`, or None when
+    the routing lists too small a share of the kv map (or the blocks would be too large)."""
+    if TUNE["dense_ratio"] <= 0 or n_kv > TUNE["dense_ratio"] * topk:
+        return None
+    lqp, lkp = _next_pow2(lq, 1), _next_pow2(lk, 1)
+    if lqp > TUNE["dense_rows"] or lkp > TUNE["dense_cols"]:
+        return None
+    mt = max(_pow2_floor(TUNE["dense_rows"] // lqp), 16 // lqp, 1)
+    nt = max(_pow2_floor(TUNE["dense_cols"] // lkp), 16 // lkp, 1)
+    topk_p = _next_pow2(topk, 1)
+    if mt * topk_p * nt > TUNE["dense_cmp"]:
+        return None
+    qt = _cdiv(t, _cdiv(t, mt))  # tiles per program, balanced over the programs
+    return mt, lqp, nt, lkp, topk_p, qt
 
 
 def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]:
@@ -568,12 +812,16 @@ def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]
 
 
 @functools.cache
-def _warps_kw(num_warps: int) -> dict:
+def _warps_kw(num_warps: int, num_stages: int = 2) -> dict:
     """Launch options (and their hashable key) of a :class:`DirectLauncher` call."""
-    return dict(opts=dict(num_warps=num_warps, num_stages=2), meta_key=(num_warps, 2))
+    return dict(
+        opts=dict(num_warps=num_warps, num_stages=num_stages), meta_key=(num_warps, num_stages)
+    )
 
 
 _fwd_launch = DirectLauncher(_routed_fwd_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
+_fwd_heads_launch = DirectLauncher(_routed_fwd_heads_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
+_dense_launch = DirectLauncher(_routed_fwd_dense_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _dq_launch = DirectLauncher(_routed_bwd_dq_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _dkv_launch = DirectLauncher(_routed_bwd_dkv_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _index_launch = DirectLauncher(_inverted_index_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
@@ -620,7 +868,40 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
     out_shape = (b, hq, wq, heads, dv)
     lse_shape = (b, hq, wq, heads) if need_lse else (0,)
     lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
-    pack, block_m, block_nt, n_mblk = _q_blocks(th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"])
+    dense = _dense_blocks(t, th * tw, knh * knw, kth * ktw, topk)
+    if dense is not None:
+        mt, lqp, nt, lkp, topk_p, qt = dense
+        scalars = (
+            *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
+            sib, sih, sit, sik,
+            heads, t, qt, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv, scale * _LOG2E,
+            need_lse, mt, lqp, nt, lkp, topk_p, *_head_blocks(d, dv),
+            TUNE["dense_mask"] if min(mt, nt) >= 16 else 0, _prec(q.dtype), _upcast(q.dtype),
+        )  # fmt: skip
+        grid = (_cdiv(t, qt), b * heads)
+        warps = (TUNE["dense_warps"], TUNE["fwd_stages"])
+        return (out_shape, lse_shape, grid, scalars, warps, {}, _dense_launch)
+    pack, block_m, block_nt, n_mblk = _q_blocks(
+        th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"]
+    )
+    hb = 1
+    if q.dtype != torch.float32:  # batched dots only on the half-precision tensor-core path
+        hb = min(
+            TUNE["fwd_heads"], _pow2_floor(TUNE["fwd_head_rows"] // block_m), _next_pow2(heads, 1)
+        )
+    if hb > 1:
+        n_hblk = _cdiv(heads, hb)
+        scalars = (
+            *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
+            sib, sih, sit, sik,
+            heads, n_hblk, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
+            scale * _LOG2E, n_mblk,
+            need_lse, hb, pack, block_m, block_nt, *_head_blocks(d, dv),
+            _prec(q.dtype), _upcast(q.dtype),
+        )  # fmt: skip
+        grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
+        warps = (_warps(block_m * hb), TUNE["fwd_stages"])
+        return (out_shape, lse_shape, grid, scalars, warps, {}, _fwd_heads_launch)
     scalars = (
         *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
         sib, sih, sit, sik,
@@ -630,7 +911,7 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         _prec(q.dtype), _upcast(q.dtype),
     )  # fmt: skip
     grid = (_cdiv(t, pack) * n_mblk, b * heads)
-    return (out_shape, lse_shape, grid, scalars, _warps(block_m), {})
+    return (out_shape, lse_shape, grid, scalars, (_warps(block_m), 2), {}, _fwd_launch)
 
 
 def routed_fwd(
@@ -651,10 +932,10 @@ def routed_fwd(
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan_cache_put(key, _fwd_plan(q, k, v, indices, tiles, scale, need_lse))
-    out_shape, lse_shape, grid, scalars, warps, runs = plan
+    out_shape, lse_shape, grid, scalars, warps, runs, launch = plan
     out = q.new_empty(out_shape)
     lse = q.new_empty(lse_shape, dtype=torch.float32)
-    _fwd_launch(grid, (q, k, v, indices, out, lse), scalars, **_warps_kw(warps), runs=runs)
+    launch(grid, (q, k, v, indices, out, lse), scalars, **_warps_kw(*warps), runs=runs)
     return out, lse
 
 
@@ -709,7 +990,9 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     topk = idx.shape[-1]
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
     bd, bdv = _head_blocks(d, dv_dim)
-    pack, block_m, block_nt, n_mblk = _q_blocks(lq, topk * lk, d, dv_dim, TUNE["dq_rows"])
+    pack, block_m, block_nt, n_mblk = _q_blocks(
+        lq, topk * lk, d, dv_dim, TUNE["dq_rows"], TUNE["dq_cols"]
+    )
     dq_scalars = (
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         sib, sih, sit, sik, *_contig_strides(q.shape),
