@@ -873,7 +873,8 @@ class _WinPlan(NamedTuple):
     dv: int
     ntok: int
     kt: int
-    meta: dict  # constexprs + launch options shared by every flag combination
+    meta: dict  # constexprs + launch options of the forward
+    meta_bwd: dict  # the same for the backward
     metas: dict  # per flag combination: DirectLauncher meta (filled lazily)
 
 
@@ -922,12 +923,20 @@ def _win_plan_cached(
     for key, opt in (("win_warps", "num_warps"), ("win_stages", "num_stages")):
         if t.get(key):
             meta[opt] = t[key]
+    # the backward holds five [rows, head] tiles and three [rows, rows] blocks at once: with 4
+    # warps it spilled (H200, 64-row MaxViT and LITv2 tiles: 8 warps 0.71 vs 0.79-0.86 ms
+    # fwd+bwd; 2 warps 3.5 ms), so it gets 8 warps from 64 rows on
+    meta_bwd = dict(meta)
+    if rows >= 64:
+        meta_bwd["num_warps"] = 8
+    if t.get("win_bwd_warps"):
+        meta_bwd["num_warps"] = t["win_bwd_warps"]
     per = ntiles * H
     return _WinPlan(
         n=n, sizes=(B, H, math.prod(L), L[1], L[2], *K, *D, nw[1], nw[2], nwin), P=P, WP=WP,
         ntiles=ntiles, fwd_split=_splits(B, per, t.get("win_fwd_target", 8 * sms)),
         bwd_split=_splits(B, per, t.get("win_bwd_target", 4 * sms)), scale2=p.scale * _LOG2E,
-        dk=dk, dv=dv, ntok=math.prod(L), kt=kt, meta=meta, metas={},
+        dk=dk, dv=dv, ntok=math.prod(L), kt=kt, meta=meta, meta_bwd=meta_bwd, metas={},
     )  # fmt: skip
 
 
@@ -967,7 +976,8 @@ def _win_call(
     n = wp.n
     m = wp.metas.get(flags)
     if m is None:
-        m = wp.metas[flags] = _meta(dict(wp.meta, **dict(zip(_WIN_FLAGS, flags))))
+        base = wp.meta_bwd if bwd else wp.meta
+        m = wp.metas[flags] = _meta(dict(base, **dict(zip(_WIN_FLAGS, flags))))
     splits, bper = wp.bwd_split if bwd else wp.fwd_split
     _win_launch(
         (wp.ntiles * wp.sizes[1], splits),
