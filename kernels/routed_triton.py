@@ -10,6 +10,8 @@ the keys of the routed tiles are walked as one flat sequence of ``topk * Lk`` ke
 block of ``BLOCK_N`` keys may span several small tiles (BiFormer's later stages have 2x2 and
 4x4 tiles; a block per tile would leave most of the tensor cores idle).  Each key's address
 comes from its slot's tile index; nothing is gathered into memory.  Online softmax in base 2.
+For small tiles (half precision) a program takes two heads at once (3-D tensors, batched
+``tl.dot``), which doubles the loads each program has in flight.
 
 Backward: a ``dq`` kernel (the forward's key walk again; it also stores
 ``delta = rowsum(dO * O) - dlse``) and a ``dK/dV`` kernel whose programs each own kv tiles
@@ -328,120 +330,6 @@ def _routed_fwd_heads_kernel(
 
 
 @triton.jit
-def _routed_fwd_dense_kernel(
-    Q, K, V, IDX, OUT, LSE,
-    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
-    HEADS, T, QT, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
-    qk_scale,  # scale * log2(e)
-    STORE_LSE: tl.constexpr, MT: tl.constexpr, LQP: tl.constexpr, NT: tl.constexpr,
-    LKP: tl.constexpr, TOPK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    # Routing that lists a large share of a small kv map (BiFormer-T's 14x14 stage: 16 of 49
-    # tiles): instead of gathering every query tile's keys (each kv row read topk times per
-    # head), QT query tiles (MT slots of LQP rows, tile-major) walk the whole kv map in steps
-    # of NT tiles (LKP keys each) and weight each key by how many times its tile is listed
-    # for the row's tile (0 = masked; duplicates count with multiplicity, as in the gather).
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HEADS).to(tl.int64)
-    h = pid_bh % HEADS
-    BLOCK_M: tl.constexpr = MT * LQP
-    BLOCK_N: tl.constexpr = NT * LKP
-    lq = TH * TW
-    lk = KTH * KTW
-    r = tl.arange(0, BLOCK_M)
-    tr = r // LQP
-    pr = r % LQP
-    t = pid_q * QT + tr
-    m_ok = (tr < QT) & (t < T) & (pr < lq)
-    t = tl.minimum(t, T - 1)
-    y = (t // NW) * TH + pr // TW
-    x = (t % NW) * TW + pr % TW
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
-    q = tl.load(
-        Q + b * sqb + h * sqn + y[:, None] * sqh + x[:, None] * sqw + offs_d[None, :] * sqd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    # the index lists of this program's query tiles, [MT, TOPK_P] (-1: no entry)
-    ti = tl.arange(0, MT)
-    tqi = pid_q * QT + ti
-    ti_ok = (ti < QT) & (tqi < T)
-    sl = tl.arange(0, TOPK_P)
-    e_ok = ti_ok[:, None] & (sl < TOPK)[None, :]
-    lists = tl.load(
-        IDX + b * sib + h * sih + tl.minimum(tqi, T - 1)[:, None] * sit + sl[None, :] * sik,
-        mask=e_ok,
-        other=0,
-    ).to(tl.int32)
-    lists = tl.where(e_ok, tl.minimum(tl.maximum(lists, 0), N_KV_TILES - 1), -1)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    k_base = K + b * skb + h * skn
-    v_base = V + b * svb + h * svn
-    cc = tl.arange(0, BLOCK_N)
-    kp = cc % LKP
-    for j0 in range(0, N_KV_TILES, NT):
-        jt = j0 + tl.arange(0, NT)
-        # multiplicity of kv tile jt in query tile ti's list: [MT, NT]
-        cnt_t = tl.sum((lists[:, :, None] == jt[None, None, :]).to(tl.int32), 1)
-        if tl.max(tl.max(cnt_t, 1), 0) > 0:  # no listed tile in this step: nothing to add
-            # expand the tile counts to [rows, keys]: MASK 0 by a reshape of the broadcast,
-            # 1 by two one-hot products on the tensor cores (exact for small integers),
-            # 2 not at all (every key counts once: a timing diagnostic, not attention)
-            if MASK == 0:
-                cnt = tl.reshape(
-                    tl.broadcast_to(cnt_t[:, None, :, None], (MT, LQP, NT, LKP)),
-                    (BLOCK_M, BLOCK_N),
-                ).to(tl.float32)
-            elif MASK == 1:
-                e_r = (tr[:, None] == tl.arange(0, MT)[None, :]).to(tl.float16)
-                e_c = (tl.arange(0, NT)[:, None] == (cc // LKP)[None, :]).to(tl.float16)
-                cnt = tl.dot(tl.dot(e_r, cnt_t.to(tl.float16)).to(tl.float16), e_c)
-            else:
-                cnt = tl.full([BLOCK_M, BLOCK_N], 1.0, dtype=tl.float32)
-            jk = j0 + cc // LKP
-            n_ok = (jk < N_KV_TILES) & (kp < lk)
-            jk = tl.minimum(jk, N_KV_TILES - 1)
-            ky = (jk // KNW) * KTH + kp // KTW
-            kx = (jk % KNW) * KTW + kp % KTW
-            kt = tl.load(
-                k_base + ky[None, :] * skh + kx[None, :] * skw + offs_d[:, None] * skd,
-                mask=n_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            s = _dot(q, kt, PREC, UPCAST) * qk_scale
-            # log2(multiplicity) in the exponent: a tile listed twice counts twice
-            s = tl.where(n_ok[None, :] & (cnt > 0), s + tl.log2(cnt), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(
-                v_base + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd,
-                mask=n_ok[:, None] & dv_ok[None, :],
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
-            m_i = m_new
-
-    acc = acc / l_i[:, None]
-    o_ptrs = OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
-    if STORE_LSE:
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + b * slb + h * sln + y * slh + x * slw, lse, mask=m_ok)
-
-
-@triton.jit
 def _routed_bwd_dq_kernel(
     Q, K, V, IDX, OUT, DOUT, LSE, DLSE, DQ, DELTA,
     sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
@@ -726,22 +614,13 @@ def _geometry(q, k, tiles):
 # (index entries per (batch, head), rounded to a power of two) x (kv tiles per program) is at
 # most this, else a separate index launch does (H200: in-kernel saved a launch on the 28x28
 # stage, but cost 25% of the 14x14 stage's GPU time, where every program scans 8 times).
-# fwd_heads: at most this many heads per forward program (half dtypes; heads x rows <=
-# fwd_head_rows), fwd_stages: num_stages of that kernel and the dense one.  dense_*: the
-# forward walks the whole kv map with multiplicity weights (:func:`_routed_fwd_dense_kernel`)
-# when n_kv_tiles <= dense_ratio * topk (0: never), in blocks of about dense_rows query rows x
-# dense_cols keys, if its [tiles, topk, tiles] count compare has at most dense_cmp entries;
-# dense_mask: how tile counts become the score mask (0 reshape, 1 one-hot dots), dense_warps.
+# fwd_heads: at most this many heads per forward program, with heads x rows <= fwd_head_rows
+# (half dtypes; H200: 2 heads of 16 rows beat 1 and 4 on the 28x28 and 14x14 stages);
+# fwd_stages: num_stages of that kernel (1 and 3 were slower).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
-    fwd_head_rows=64,
-    dense_ratio=0,
-    dense_rows=64,
-    dense_cols=64,
-    dense_cmp=4096,
-    dense_warps=4,
-    dense_mask=1,
+    fwd_head_rows=32,
     fwd_stages=2,
     dq_rows=32,
     fwd_cols=64,
@@ -780,23 +659,6 @@ def _q_blocks(
     return 1, block_m, min(cap, _next_pow2(n_keys)), _cdiv(lq, block_m)
 
 
-def _dense_blocks(t: int, lq: int, n_kv: int, lk: int, topk: int):
-    """``(mt, lqp, nt, lkp, topk_p, qt)`` for :func:`_routed_fwd_dense_kernel`, or None when
-    the routing lists too small a share of the kv map (or the blocks would be too large)."""
-    if TUNE["dense_ratio"] <= 0 or n_kv > TUNE["dense_ratio"] * topk:
-        return None
-    lqp, lkp = _next_pow2(lq, 1), _next_pow2(lk, 1)
-    if lqp > TUNE["dense_rows"] or lkp > TUNE["dense_cols"]:
-        return None
-    mt = max(_pow2_floor(TUNE["dense_rows"] // lqp), 16 // lqp, 1)
-    nt = max(_pow2_floor(TUNE["dense_cols"] // lkp), 16 // lkp, 1)
-    topk_p = _next_pow2(topk, 1)
-    if mt * topk_p * nt > TUNE["dense_cmp"]:
-        return None
-    qt = _cdiv(t, _cdiv(t, mt))  # tiles per program, balanced over the programs
-    return mt, lqp, nt, lkp, topk_p, qt
-
-
 def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]:
     """``(pack, block_mt, block_n, n_nblk)`` for the dK/dV kernel (``rows``: the average number
     of query rows listing one kv tile)."""
@@ -821,7 +683,6 @@ def _warps_kw(num_warps: int, num_stages: int = 2) -> dict:
 
 _fwd_launch = DirectLauncher(_routed_fwd_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _fwd_heads_launch = DirectLauncher(_routed_fwd_heads_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
-_dense_launch = DirectLauncher(_routed_fwd_dense_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _dq_launch = DirectLauncher(_routed_bwd_dq_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _dkv_launch = DirectLauncher(_routed_bwd_dkv_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
 _index_launch = DirectLauncher(_inverted_index_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
@@ -868,19 +729,6 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
     out_shape = (b, hq, wq, heads, dv)
     lse_shape = (b, hq, wq, heads) if need_lse else (0,)
     lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
-    dense = _dense_blocks(t, th * tw, knh * knw, kth * ktw, topk)
-    if dense is not None:
-        mt, lqp, nt, lkp, topk_p, qt = dense
-        scalars = (
-            *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
-            sib, sih, sit, sik,
-            heads, t, qt, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv, scale * _LOG2E,
-            need_lse, mt, lqp, nt, lkp, topk_p, *_head_blocks(d, dv),
-            TUNE["dense_mask"] if min(mt, nt) >= 16 else 0, _prec(q.dtype), _upcast(q.dtype),
-        )  # fmt: skip
-        grid = (_cdiv(t, qt), b * heads)
-        warps = (TUNE["dense_warps"], TUNE["fwd_stages"])
-        return (out_shape, lse_shape, grid, scalars, warps, {}, _dense_launch)
     pack, block_m, block_nt, n_mblk = _q_blocks(
         th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"]
     )
