@@ -345,7 +345,9 @@ class CascadedGroupAttention(nn.Module):
         """The block on ``[B, ws, ws, C]`` maps that are one window each."""
         B, H, W, C = x.shape
         ws = self.resolution
-        bias = self._window_bias(H, W)
+        # unbind, not per-head slices: its backward stacks the head gradients in one op, where
+        # each slice's backward would write a zero-filled full-size gradient
+        biases = self._window_bias(H, W).unbind(1)
         # [B, H, W, heads=1, C]: q/k/v and head outputs are na2d-shaped views, no copies
         feats_in = x.reshape(B, H, W, 1, C).chunk(self.num_heads, dim=-1)
         feats_out = []
@@ -360,7 +362,7 @@ class CascadedGroupAttention(nn.Module):
                 v,
                 kernel_size=ws,
                 stride=ws,
-                attn_bias=bias[:, i : i + 1],
+                attn_bias=biases[i].unsqueeze(1),
                 scale=self.scale,
             )
             feats_out.append(feat)
