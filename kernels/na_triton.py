@@ -717,9 +717,14 @@ def _fwd_config(L, K, S, D, n):
     return tuple(tq), tuple(qstep), tuple(kb)
 
 
-def _kv_config(L, K, D, n):
+def _kv_config(L, K, D, n, head: int = 32):
+    default_q = _DEFAULT_QB[n]
+    if n == 2 and head >= 128:
+        # 128-wide heads: the 8x16 query block (best at d32/d64) made the dk/dv pass spill;
+        # 8x8 took the 64x64 k9 d128 fwd+bwd from 0.98 to 0.52 ms on H200 (session 4)
+        default_q = (1, 8, 8)
     want = _TUNE.get("kt", _DEFAULT_TILES[n]) if n == 2 else _DEFAULT_TILES[n]
-    want_q = _TUNE.get("qb", _DEFAULT_QB[n]) if n == 2 else _DEFAULT_QB[n]
+    want_q = _TUNE.get("qb", default_q) if n == 2 else default_q
     kt = [_tile(_lg_max(L[a], D[a]), want[a]) for a in range(3)]
     qb = [_tile(_lg_max(L[a], D[a]), want_q[a]) for a in range(3)]
     for box in (kt, qb):
@@ -778,7 +783,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     wide = ieee and max(dkp, dvp) >= 64
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
-    ktile, qb = _kv_config(L, K, D, n)
+    ktile, qb = _kv_config(L, K, D, n, max(dkp, dvp))
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
     tiles = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2])
     return _Plan(

@@ -323,6 +323,7 @@ def test_triton_gpu_sweep():
                 attn_bias="full",
             ),
         ),  # fmt: skip
+        ("na_d128", dict(spatial=[32, 40], kernel_size=[9, 9], dilation=[1, 2], head_dim=128)),
         (
             "na3d",
             dict(spatial=[8, 16, 16], kernel_size=[3, 5, 5], dilation=[1, 2, 1], head_dim=128),
