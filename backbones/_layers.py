@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import GELUTanh
+from timm.layers import BatchNormAct2d, ConvNormAct, GELUTanh
 from torch import nn
 
-__all__ = ["AutocastLayerNorm", "inplace_act", "linear_tokens", "pointwise"]
+__all__ = [
+    "AutocastLayerNorm",
+    "FoldedConvNormAct",
+    "fold_bn",
+    "fold_enabled",
+    "inplace_act",
+    "linear_tokens",
+    "pointwise",
+    "use_folded_conv_norm",
+]
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,3 +74,80 @@ class AutocastLayerNorm(nn.LayerNorm):
                 b = None if self.bias is None else self.bias.to(dt)
                 return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
         return super().forward(x)
+
+
+def fold_enabled(module: nn.Module) -> bool:
+    """Whether inference folding applies: eval mode, no autograd, not tracing (a compiled
+    graph fuses the normalisation by itself)."""
+    return not (module.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
+def fold_bn(
+    weight: torch.Tensor, bn: nn.BatchNorm2d, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv (weight ``[out, ...]``, optional bias) and eval-mode BatchNorm as one conv:
+    ``(weight', bias')`` with ``conv(x, weight') + bias' == bn(conv(x, weight) + bias)``."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    mean = bn.running_mean if bias is None else bn.running_mean - bias
+    return w, bn.bias - mean * scale
+
+
+class FoldedConvNormAct(ConvNormAct):
+    """timm's ``ConvNormAct`` whose inference (see :func:`fold_enabled`) runs the conv with the
+    BatchNorm folded into its weights: one conv instead of conv + a full pass of normalisation
+    (a fifth of HaloNet's CPU inference time). Same parameters, buffers and state_dict;
+    training and autograd take timm's path. The folded weights are cached per dtype while the
+    conv and BN tensors are unchanged."""
+
+    _fold_cache: tuple | None = None
+
+    @staticmethod
+    def can_fold(m: nn.Module) -> bool:
+        """A plain (static-padding) conv followed by an affine BatchNormAct2d with running
+        statistics and no anti-aliasing layer."""
+        bn = getattr(m, "bn", None)
+        return (
+            isinstance(m, ConvNormAct)
+            and type(m.conv) is nn.Conv2d
+            and isinstance(bn, BatchNormAct2d)
+            and bn.affine
+            and bn.track_running_stats
+            and getattr(m, "aa", None) is None
+        )
+
+    def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (dtype, *((t._version, t.data_ptr()) for t in tensors if t is not None))
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            w, b = fold_bn(conv.weight, bn, conv.bias)
+            self._fold_cache = (key, w.to(dtype), b.to(dtype))
+        return self._fold_cache[1], self._fold_cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fold_enabled(self):
+            return super().forward(x)
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        w, b = self._folded(dtype)
+        c = self.conv
+        x = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        return self.bn.act(self.bn.drop(x))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+def use_folded_conv_norm(model: nn.Module) -> int:
+    """Give every foldable ``ConvNormAct`` of ``model`` (built by timm's code, e.g. ByobNet) the
+    :class:`FoldedConvNormAct` behaviour; returns how many. Only the class changes: the module
+    keeps its parameters, buffers, hooks and state_dict keys."""
+    n = 0
+    for m in model.modules():
+        if type(m) is ConvNormAct and FoldedConvNormAct.can_fold(m):
+            m.__class__ = FoldedConvNormAct
+            n += 1
+    return n

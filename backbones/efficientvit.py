@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
-from visionattn.backbones._layers import pointwise
+from visionattn.backbones._layers import fold_bn, fold_enabled, pointwise
 from visionattn.kernels import na2d
 
 # official family names visionattn.convert.from_official routes here
@@ -71,11 +71,6 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
-
-
-def _fold_enabled(module: nn.Module) -> bool:
-    """Folded conv+BN weights: eval mode, no autograd, not tracing (compile fuses by itself)."""
-    return not (module.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
 
 class ConvNorm(nn.Module):
@@ -131,10 +126,7 @@ class ConvNorm(nn.Module):
         key = (dtype, identity, *((t._version, t.data_ptr()) for t in tensors))
         if self._folded is not None and self._folded[0] == key:
             return self._folded[1], self._folded[2]
-        bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        w = self.conv.weight * scale.view(-1, 1, 1, 1)
-        b = bn.bias - bn.running_mean * scale
+        w, b = fold_bn(self.conv.weight, self.bn)
         if identity:
             w = w.clone()
             centre = w.shape[-1] // 2
@@ -181,7 +173,7 @@ class ConvNorm(nn.Module):
         """
         if nchw_in and identity:
             raise ValueError("identity: not supported with nchw_in")
-        if _fold_enabled(self):
+        if fold_enabled(self):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)
@@ -315,7 +307,7 @@ class CascadedGroupAttention(nn.Module):
             idx = _window_bias_index(h, w, self.resolution).to(ab.device)
             if not torch.compiler.is_compiling():
                 self._index_cache[ikey] = idx
-        if not _fold_enabled(self):
+        if not fold_enabled(self):
             return ab[:, idx].unsqueeze(0)
         key = (h, w, ab._version, ab.data_ptr(), ab.device)
         if self._bias_cache is None or self._bias_cache[0] != key:

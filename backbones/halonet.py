@@ -35,6 +35,7 @@ from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, interleave_bl
 from torch import nn
 
 from visionattn.backbones._convert import build_converted, head_classes
+from visionattn.backbones._layers import use_folded_conv_norm
 from visionattn.kernels import na2d
 
 # timm model-name prefixes visionattn.convert.from_timm routes here
@@ -328,6 +329,11 @@ class HaloNet(ByobNet):
     On CUDA the input is switched to channels_last so every conv runs in cuDNN's fast layout and
     the attention layers' heads-last views of the q/kv projections are contiguous.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # ByobNet builds timm's ConvNormAct; at inference ours run conv and BN as one conv
+        use_folded_conv_norm(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

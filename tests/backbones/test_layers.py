@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from timm.layers import GELUTanh
@@ -65,3 +67,50 @@ def test_autocast_layer_norm_runs_in_the_autocast_dtype_on_cuda() -> None:
     torch.testing.assert_close(
         y.float(), torch.nn.functional.layer_norm(x, (64,)), atol=3e-2, rtol=0
     )
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_folded_conv_norm_act_matches_timm(conv_bias: bool) -> None:
+    """Inference with the folded conv equals conv + BN + act; training is timm's path; the
+    folded weights follow in-place updates of the conv and BN tensors."""
+    from timm.layers import ConvNormAct
+
+    from visionattn.backbones._layers import FoldedConvNormAct, use_folded_conv_norm
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        ConvNormAct(6, 8, 3, stride=2, padding=1, bias=conv_bias, act_layer=nn.SiLU),
+        ConvNormAct(8, 8, 1, apply_act=False),
+    )
+    for m in seq:
+        bn = m.bn
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    ref = copy.deepcopy(seq).eval()
+    assert use_folded_conv_norm(seq) == 2
+    assert all(type(m) is FoldedConvNormAct for m in seq)
+    assert seq.state_dict().keys() == ref.state_dict().keys()
+    seq.eval()
+    x = torch.randn(2, 6, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x), ref(x), atol=1e-5, rtol=1e-5)
+        seq[0].bn.running_mean.add_(0.5)  # in-place update: the cache must notice
+        ref[0].bn.running_mean.add_(0.5)
+        torch.testing.assert_close(seq(x), ref(x), atol=1e-5, rtol=1e-5)
+    # with autograd (and in training) the module is timm's conv + BN
+    torch.testing.assert_close(seq(x), ref(x), atol=0, rtol=0)
+    seq.train()
+    ref.train()
+    torch.testing.assert_close(seq(x), ref(x), atol=0, rtol=0)
+
+
+def test_use_folded_conv_norm_skips_unfoldable() -> None:
+    from timm.layers import ConvNormAct
+
+    from visionattn.backbones._layers import use_folded_conv_norm
+
+    no_norm = ConvNormAct(4, 4, 1, apply_norm=False)
+    assert use_folded_conv_norm(nn.Sequential(no_norm)) == 0
+    assert type(no_norm) is ConvNormAct
