@@ -21,6 +21,12 @@ blocks and recomputes P^T from the saved lse.
 The logit bias (rpb gathered to window layout and/or attn_bias) is ``[B|1, h|1, N, K]`` and
 is gathered per (query, window position); the dq kernel writes dS in the same layout, which
 is the bias gradient.
+
+Whole windows: when the windows tile the map (kernel = stride, every dilation group a whole
+number of windows, no causal axis: MaxViT block/grid, Swin, LITv2 Hi-Fi, EfficientViT), one
+program owns whole windows instead (``_na_win_kernel``): one dense masked score block per
+window, a single-pass softmax, the rpb values gathered once per program and reused over a
+loop of batch elements, and one fused backward kernel for dq, dk, dv and the bias gradients.
 """
 
 from __future__ import annotations
