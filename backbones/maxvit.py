@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
+    BatchNormAct2d,
     ClassifierHead,
+    Conv2dSame,
     DropPath,
     LayerScale,
     Mlp,
@@ -51,6 +53,7 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_tf_,
 )
+from timm.layers.conv2d_same import conv2d_same
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -62,6 +65,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from torch import nn
 
 from visionattn.backbones._convert import build_converted, head_classes
+from visionattn.backbones._layers import fold_bn, fold_enabled
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 from visionattn.kernels import na2d
@@ -272,14 +276,66 @@ class MbConvBlock(nn.Module):
         )
         self.conv3_1x1 = create_conv2d(mid_chs, out_chs, 1, bias=cfg.output_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        c1 = self.conv1_1x1
+        bns = (self.pre_norm, self.norm1, self.norm2)
+        self._can_fold = (
+            all(isinstance(n, BatchNormAct2d) and n.affine and n.track_running_stats for n in bns)
+            and type(c1) is nn.Conv2d
+            and c1.kernel_size == (1, 1) and c1.stride == (1, 1) and c1.padding == (0, 0)
+            and c1.groups == 1
+            and type(self.conv2_kxk) in (nn.Conv2d, Conv2dSame)
+        )  # fmt: skip
+        # the pre-norm folds into the 1x1 conv's input side only without an activation
+        self._fold_pre = isinstance(self.pre_norm.act, nn.Identity)
+        self._fold_cache: tuple | None = None
 
     def init_weights(self) -> None:
         named_apply(_init_conv, self)
 
+    def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(1x1 weight, bias, kxk weight, bias) with pre-norm, norm1 and norm2 folded in."""
+        mods = (self.pre_norm, self.conv1_1x1, self.norm1, self.conv2_kxk, self.norm2)
+        tensors = [t for m in mods for t in (*m.parameters(False), *m.buffers(False))]
+        key = (dtype, self._fold_pre, *((t._version, t.data_ptr()) for t in tensors))
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            c1, pre = self.conv1_1x1, self.pre_norm
+            w1, b1 = c1.weight, c1.bias
+            if self._fold_pre:
+                # conv(x * s + t) = conv_{w * s}(x) + w @ t (exact for a 1x1 conv)
+                s0 = pre.weight * torch.rsqrt(pre.running_var + pre.eps)
+                shift = w1.flatten(1) @ (pre.bias - pre.running_mean * s0)
+                b1 = shift if b1 is None else b1 + shift
+                w1 = w1 * s0.view(1, -1, 1, 1)
+            w1, b1 = fold_bn(w1, self.norm1, b1)
+            w2, b2 = fold_bn(self.conv2_kxk.weight, self.norm2, self.conv2_kxk.bias)
+            self._fold_cache = (key, *(t.to(dtype) for t in (w1, b1, w2, b2)))
+        return self._fold_cache[1:]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _conv12_folded(self, x: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = self._folded(x.dtype)
+        if not self._fold_pre:
+            x = self.pre_norm(x)
+        n1, n2, c2 = self.norm1, self.norm2, self.conv2_kxk
+        x = n1.act(n1.drop(F.conv2d(x, w1, b1)))
+        if type(c2) is Conv2dSame:
+            x = conv2d_same(x, w2, b2, c2.stride, c2.padding, c2.dilation, c2.groups)
+        else:
+            x = F.conv2d(x, w2, b2, c2.stride, c2.padding, c2.dilation, c2.groups)
+        return n2.act(n2.drop(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.shortcut(x)
-        x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
-        x = self.norm2(self.conv2_kxk(x))
+        if self._can_fold and x.device.type == "cpu" and fold_enabled(self):
+            # CPU inference: three BatchNorm passes folded into the two convs (on CUDA the
+            # folded convs measured slower for HaloNet, so GPUs keep conv + BN)
+            x = self._conv12_folded(x)
+        else:
+            x = self.norm1(self.conv1_1x1(self.pre_norm(x)))
+            x = self.norm2(self.conv2_kxk(x))
         if self.se is not None:
             x = self.se(x)
         x = self.conv3_1x1(x)

@@ -226,3 +226,28 @@ def test_from_timm_rejects_other_maxvits() -> None:
         M.from_timm("maxvit_rmlp_tiny_rw_256", {})
     with pytest.raises(ValueError, match="rel_pos_type"):
         M.MaxVitTransformerCfg(rel_pos_type="mlp")
+
+
+@pytest.mark.parametrize(
+    "stride, padding, pre_act", [(1, "", False), (2, "same", False), (2, "", True)]
+)
+def test_mbconv_cpu_fold_matches_unfolded(stride: int, padding: str, pre_act: bool) -> None:
+    """CPU inference folds pre-norm, norm1 and norm2 into the 1x1 and kxk convs: same output
+    as the unfolded block, and the cache follows in-place updates of the BN statistics."""
+    torch.manual_seed(0)
+    cfg = M.MaxVitConvCfg(padding=padding, pre_norm_act=pre_act)
+    blk = M.MbConvBlock(8, 8 if stride == 1 else 16, stride=stride, cfg=cfg).eval()
+    for bn in (blk.pre_norm, blk.norm1, blk.norm2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    assert blk._can_fold and blk._fold_pre is not pre_act
+    x = torch.randn(2, 8, 10, 10)
+    want = blk(x)  # autograd on: the unfolded path
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), want, atol=1e-5, rtol=1e-5)
+        assert blk._fold_cache is not None  # the folded path ran
+        blk.norm1.running_var.mul_(2.0)
+        want = torch.enable_grad()(blk)(x)
+        torch.testing.assert_close(blk(x), want, atol=1e-5, rtol=1e-5)
