@@ -887,6 +887,7 @@ class _WinPlan(NamedTuple):
     meta: dict  # constexprs + launch options of the forward
     meta_bwd: dict  # the same for the backward
     metas: dict  # per flag combination: DirectLauncher meta (filled lazily)
+    status: dict  # "failed": a launch ran out of GPU resources, the general kernels serve it
 
 
 def _splits(B: int, per: int, target: int) -> tuple[int, int]:
@@ -947,7 +948,7 @@ def _win_plan_cached(
         n=n, sizes=(B, H, math.prod(L), L[1], L[2], *K, *D, nw[1], nw[2], nwin), P=P, WP=WP,
         ntiles=ntiles, fwd_split=_splits(B, per, t.get("win_fwd_target", 8 * sms)),
         bwd_split=_splits(B, per, t.get("win_bwd_target", 4 * sms)), scale2=p.scale * _LOG2E,
-        dk=dk, dv=dv, ntok=math.prod(L), kt=kt, meta=meta, meta_bwd=meta_bwd, metas={},
+        dk=dk, dv=dv, ntok=math.prod(L), kt=kt, meta=meta, meta_bwd=meta_bwd, metas={}, status={},
     )  # fmt: skip
 
 
@@ -1057,8 +1058,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
     ``[B|1, h|1, N, K]``.
     """
     wp = _win_plan(q, v.shape[-1], p)
-    if wp is not None:
-        return _win_forward(wp, q, k, v, rpb, bias)
+    if wp is not None and not wp.status.get("failed"):
+        try:
+            return _win_forward(wp, q, k, v, rpb, bias)
+        except OutOfResources:
+            # a variant too large for the GPU (e.g. float32, 128-token windows, wide heads):
+            # the general kernels handle the same call; remembered with the plan
+            wp.status["failed"] = True
     pl = _plan(q, v.shape[-1], p)
     n = pl.n
     out = q.new_empty(*q.shape[:-1], pl.dv)
@@ -1111,8 +1117,13 @@ def backward(
     if dlse is not None and (dlse.dtype != torch.float32 or not dlse.is_contiguous()):
         dlse = dlse.float().contiguous()
     wp = _win_plan(q, v.shape[-1], p)
-    if wp is not None:
-        return _win_backward(wp, dout, dlse, q, k, v, out, lse, rpb, bias, need_drpb, need_dbias)
+    if wp is not None and not wp.status.get("failed"):
+        try:
+            return _win_backward(
+                wp, dout, dlse, q, k, v, out, lse, rpb, bias, need_drpb, need_dbias
+            )  # fmt: skip
+        except OutOfResources:
+            wp.status["failed"] = True  # as in forward: the general kernels take over
     pl = _plan(q, v.shape[-1], p)
     n = pl.n
     need_ds = need_drpb or need_dbias

@@ -227,6 +227,30 @@ def test_window_plan_choice():
     assert small.WP == 4 and small.P == 16  # 16 packed windows of 4 tokens: 64 rows
 
 
+def test_window_out_of_resources_uses_general_kernels(monkeypatch):
+    """A whole-window variant that does not fit the GPU hands its calls, this one and later
+    ones, to the general kernels (no retry per call)."""
+    pytest.importorskip("triton")
+    from visionattn.kernels import na_triton
+    from visionattn.kernels._common import NAParams
+
+    tried, general = [], []
+
+    def boom(*args, **kwargs):
+        tried.append(1)
+        raise na_triton.OutOfResources(1 << 18, 1 << 17, "shared memory")
+
+    monkeypatch.setattr(na_triton, "_win_forward", boom)
+    monkeypatch.setattr(na_triton, "_fwd_launch", lambda *a, **k: general.append(a[0]))
+    monkeypatch.setitem(na_triton._TUNE, "win_rows", 32)  # a plan of this test's own
+    p = NAParams((7, 7), (7, 7), (1, 1), (False, False), False, 1.0)
+    q = torch.randn(2, 14, 14, 2, 16)
+    for _ in range(2):
+        out, lse = na_triton.forward(q, q, q, None, None, p)
+        assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    assert len(tried) == 1 and len(general) == 2
+
+
 @pytest.mark.parametrize("case", range(len(_WINDOW_CASES)))
 def test_window_kernel_interpreter(case):
     pytest.importorskip("triton")
