@@ -15,6 +15,7 @@ __all__ = [
     "inplace_act",
     "linear_tokens",
     "pointwise",
+    "tensors_key",
     "use_folded_conv_norm",
 ]
 
@@ -76,6 +77,13 @@ class AutocastLayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+def tensors_key(*tensors: torch.Tensor | None) -> tuple:
+    """Cache key of values derived from ``tensors``: it changes when any of them is updated in
+    place (version counter) or replaced (storage), e.g. by an optimizer step or
+    ``load_state_dict``. ``None`` entries are skipped."""
+    return tuple((t._version, t.data_ptr()) for t in tensors if t is not None)
+
+
 def fold_enabled(module: nn.Module) -> bool:
     """Whether inference folding applies: eval mode, no autograd, not tracing (a compiled
     graph fuses the normalisation by itself)."""
@@ -119,7 +127,7 @@ class FoldedConvNormAct(ConvNormAct):
     def _folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (dtype, *((t._version, t.data_ptr()) for t in tensors if t is not None))
+        key = (dtype, *tensors_key(*tensors))
         if self._fold_cache is None or self._fold_cache[0] != key:
             w, b = fold_bn(conv.weight, bn, conv.bias)
             self._fold_cache = (key, w.to(dtype), b.to(dtype))

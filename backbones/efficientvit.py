@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
-from visionattn.backbones._layers import fold_bn, fold_enabled, pointwise
+from visionattn.backbones._layers import fold_bn, fold_enabled, pointwise, tensors_key
 from visionattn.kernels import na2d
 
 # official family names visionattn.convert.from_official routes here
@@ -123,7 +123,7 @@ class ConvNorm(nn.Module):
             self.bn.running_mean,
             self.bn.running_var,
         )
-        key = (dtype, identity, *((t._version, t.data_ptr()) for t in tensors))
+        key = (dtype, identity, *tensors_key(*tensors))
         if self._folded is not None and self._folded[0] == key:
             return self._folded[1], self._folded[2]
         w, b = fold_bn(self.conv.weight, self.bn)
@@ -309,7 +309,7 @@ class CascadedGroupAttention(nn.Module):
                 self._index_cache[ikey] = idx
         if not fold_enabled(self):
             return ab[:, idx].unsqueeze(0)
-        key = (h, w, ab._version, ab.data_ptr(), ab.device)
+        key = (h, w, *tensors_key(ab), ab.device)
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, ab[:, idx].unsqueeze(0))
         return self._bias_cache[1]

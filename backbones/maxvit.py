@@ -65,7 +65,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from torch import nn
 
 from visionattn.backbones._convert import build_converted, head_classes
-from visionattn.backbones._layers import fold_bn, fold_enabled
+from visionattn.backbones._layers import fold_bn, fold_enabled, tensors_key
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 from visionattn.kernels import na2d
@@ -296,7 +296,7 @@ class MbConvBlock(nn.Module):
         """(1x1 weight, bias, kxk weight, bias) with pre-norm, norm1 and norm2 folded in."""
         mods = (self.pre_norm, self.conv1_1x1, self.norm1, self.conv2_kxk, self.norm2)
         tensors = [t for m in mods for t in (*m.parameters(False), *m.buffers(False))]
-        key = (dtype, self._fold_pre, *((t._version, t.data_ptr()) for t in tensors))
+        key = (dtype, self._fold_pre, *tensors_key(*tensors))
         if self._fold_cache is None or self._fold_cache[0] != key:
             c1, pre = self.conv1_1x1, self.pre_norm
             w1, b1 = c1.weight, c1.bias
@@ -394,7 +394,7 @@ class PartitionAttn(nn.Module):
     ) -> torch.Tensor:
         """``rpb`` as na2d's ``attn_bias`` ``[1, heads, H, W, ph, pw]`` (same values)."""
         t = self.rel_pos.relative_position_bias_table
-        key = (H, W, t._version, t.data_ptr(), t.dtype)
+        key = (H, W, *tensors_key(t), t.dtype)
         if self._bias_cache is None or self._bias_cache[0] != key:
             ph, pw = self.partition_size
             p = NAParams((ph, pw), stride, dilation, (False, False), False, 1.0)
