@@ -196,13 +196,16 @@ _WINDOW_CASES = [
 ]  # fmt: skip
 
 
-def _window_cfg(over: dict) -> dict:
+def _fixed_cfg(over: dict, **defaults) -> dict:
+    """A full config for :func:`check_config`: unit stride/dilation, no causal axis, clamped
+    borders, no biases, unless ``defaults`` or ``over`` say otherwise."""
     n = len(over["spatial"])
     cfg = dict(
         stride=[1] * n, dilation=[1] * n, is_causal=[False] * n, border="clamp", batch=1,
-        heads=2, head_dim=16, head_dim_v=16, rpb=False, attn_bias=None, qkv_view=False,
-        scale=None,
+        heads=2, head_dim=16, head_dim_v=over.get("head_dim", 16), rpb=False, attn_bias=None,
+        qkv_view=False, scale=None,
     )  # fmt: skip
+    cfg.update(defaults)
     cfg.update(over)
     return cfg
 
@@ -356,13 +359,7 @@ def test_triton_gpu_sweep():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_gpu_model_shapes(name, cfg, dtype):
-    full = dict(
-        stride=[1] * len(cfg["spatial"]), dilation=[1] * len(cfg["spatial"]),
-        is_causal=[False] * len(cfg["spatial"]), border="clamp", batch=2, heads=2,
-        head_dim_v=cfg["head_dim"], rpb=False, attn_bias=None, qkv_view=True, scale=None,
-    )  # fmt: skip
-    full.update(cfg)
-    err = check_config(full, dtype, "cuda", 7)
+    err = check_config(_fixed_cfg(cfg, batch=2, qkv_view=True), dtype, "cuda", 7)
     assert err is None, err
 
 
@@ -371,7 +368,7 @@ def _window_worker(case: int) -> dict:
     from visionattn.kernels._common import NAParams
 
     tune, over = _WINDOW_CASES[case]
-    cfg = _window_cfg(over)
+    cfg = _fixed_cfg(over)
     na_triton._TUNE.update(tune)
     n = len(cfg["spatial"])
     p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
