@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ConvNormAct, GELUTanh
 from torch import nn
 
+import visionattn.kernels as _kernels
+
 __all__ = [
     "AutocastLayerNorm",
     "FoldedConvNormAct",
@@ -61,19 +63,20 @@ def inplace_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class AutocastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state-dict keys) that, under CUDA autocast, runs in
-    the autocast dtype instead of autocast's float32 policy: input, weight and bias are cast to
-    it and the output stays in it (statistics are still accumulated in float32 by the kernel),
-    as timm's ``fast_norm`` does. Saves a float32 output and the cast before the next linear,
-    which casts to that dtype anyway. Outside autocast it is plain ``nn.LayerNorm``."""
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that runs on CUDA through
+    :func:`visionattn.kernels.layer_norm`: under autocast it reads the (float32) tokens as they
+    are and writes the autocast dtype, instead of autocast's float32 policy for norms; statistics
+    and affine are float32 either way. That saves the float32 output and the cast before the next
+    linear (which casts to that dtype anyway), and the gradient's cast back in the backward.
+    Outside autocast the output keeps the input's dtype; on other devices it is plain
+    ``nn.LayerNorm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            dt = torch.get_autocast_dtype("cuda")
-            with torch.autocast("cuda", enabled=False):
-                w = None if self.weight is None else self.weight.to(dt)
-                b = None if self.bias is None else self.bias.to(dt)
-                return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps)
+        if x.device.type == "cuda" and len(self.normalized_shape) == 1:
+            dt = x.dtype
+            if torch.is_autocast_enabled("cuda"):
+                dt = torch.get_autocast_dtype("cuda")
+            return _kernels.layer_norm(x, self.weight, self.bias, self.eps, dt)
         return super().forward(x)
 
 

@@ -264,7 +264,7 @@ class CSWinBlock(nn.Module):
             raise ValueError(f"attn_type: block type must be 'A' or 'B', got {attn_type!r}")
         self.dim = dim
         self.attn_type = attn_type
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = _agent.AutocastLayerNorm(dim)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         branches = [-1] if whole_map else [0, 1]
         n = len(branches)
@@ -283,7 +283,7 @@ class CSWinBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = _agent.AutocastLayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         if agent_num is None:
             self.attn: nn.Module = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         else:
@@ -208,7 +208,7 @@ class Block(nn.Module):
                 dim, num_heads, agent_num, window, qkv_bias, attn_drop, proj_drop
             )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
