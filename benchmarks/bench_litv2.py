@@ -5,8 +5,10 @@ backward + AdamW step) images/s at 224 px under bf16 autocast, eager mode (the m
 ``bench_nat.py``). Compared:
 
 * ``ours``: ``timm.create_model(name)`` after ``import visionattn`` (Hi-Fi windows on the
-  Triton ``na2d``, Lo-Fi on SDPA, DTM on ``torchvision.ops.deform_conv2d``);
-* ``ours_sample``: the same with ``deform_impl="sample"`` (DTM as ``grid_sample`` + conv);
+  Triton ``na2d``, Lo-Fi on SDPA, norms on the Triton ``layer_norm``, DTM as ``grid_sample``
+  + conv, the default ``deform_impl="sample"``);
+* ``ours_tv``: the same with ``deform_impl="torchvision"`` (DTM on
+  ``torchvision.ops.deform_conv2d`` in float32);
 * ``official``: ziplab/LITv2 ``classification/models`` (expected under
   ``.gpu/third_party/litv2/classification``, not part of this repository). Its DCN is a CUDA
   extension we do not build: the official ``DeformConv2dFunction`` is replaced at import time
@@ -85,8 +87,8 @@ def official_class() -> type[nn.Module]:
 def build(impl: str, name: str) -> nn.Module:
     if impl == "ours":
         return timm.create_model(name)
-    if impl == "ours_sample":
-        return timm.create_model(name, deform_impl="sample")
+    if impl == "ours_tv":
+        return timm.create_model(name, deform_impl="torchvision")
     if impl == "official":
         return official_class()(num_classes=1000, **litv2.OFFICIAL_VARIANTS[name])
     raise ValueError(f"impl: unknown {impl!r}")
@@ -228,8 +230,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--runs",
-        default="official:litv2_small,ours:litv2_small,ours_sample:litv2_small",
-        help="comma-separated impl:model entries (impl: ours, ours_sample, official)",
+        default="official:litv2_small,ours:litv2_small,ours_tv:litv2_small",
+        help="comma-separated impl:model entries (impl: ours, ours_tv, official)",
     )
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--infer-batch", type=int, default=256)

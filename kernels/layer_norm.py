@@ -84,22 +84,22 @@ class _LayerNormFn(torch.autograd.Function):
         x2 = x.reshape(-1, c)
         if c > 1 and x2.stride(1) != 1:
             x2 = x2.contiguous()
-        y, mean, rstd = tri.forward(x2, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(x2, weight, mean, rstd)
+        y, stats = tri.forward(x2, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x2, weight, stats)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], c)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        x2, weight, mean, rstd = ctx.saved_tensors
+        x2, weight, stats = ctx.saved_tensors
         c = x2.shape[1]
         dy2 = dy.reshape(-1, c)
         if c > 1 and dy2.stride(1) != 1:
             dy2 = dy2.contiguous()
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        dx, dw, db = _triton_module().backward(dy2, x2, weight, mean, rstd, need_dw, need_db)
+        dx, dw, db = _triton_module().backward(dy2, x2, weight, stats, need_dw, need_db)
         if dw is not None:
             dw = dw.to(weight.dtype)
         if db is not None:
@@ -130,11 +130,11 @@ def layer_norm(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.shape != (c,):
+        if t.dim() != 1 or t.shape[0] != c:
             raise ValueError(
                 f"{name}: must have shape ({c},) to match x's last dim, got {tuple(t.shape)}"
             )
-        if t.device != x.device:
+        if t.get_device() != x.get_device():
             raise ValueError(f"{name}: must be on x's device {x.device}, got {t.device}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: must be floating-point, got {t.dtype}")
@@ -154,5 +154,5 @@ def layer_norm(
     x2 = x.reshape(-1, c)
     if c > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = _triton_module().forward(x2, weight, bias, float(eps), out_dtype)[0]
+    y = _triton_module().forward(x2, weight, bias, float(eps), out_dtype, stats=False)[0]
     return y.view(*x.shape[:-1], c)

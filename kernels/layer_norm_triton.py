@@ -28,16 +28,14 @@ __all__ = ["MAX_C", "backward", "forward"]
 
 # widest row one program holds (BLOCK_C elements of float32 per row in registers)
 MAX_C = 8192
-_FWD_ELEMS = 4096  # elements per forward tile (rows x padded C)
-_BWD_ELEMS = 4096
-_BWD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
 def _ln_fwd_kernel(
     X, W, B, Y, MEAN, RSTD,
     M, C, stride_xm, stride_ym, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -56,8 +54,9 @@ def _ln_fwd_kernel(
     if HAS_B:
         y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + r64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+    if STATS:
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -75,8 +74,10 @@ def _ln_bwd_kernel(
     cmask = cols < C
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # per-lane partial sums, reduced over the rows once at the end: a reduction across warps
+    # in every iteration doubled the kernel's time
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for i in range(0, n_iter):
         rows = (pid + i * nprog) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -96,32 +97,35 @@ def _ln_bwd_kernel(
             DX + r64[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask
         )
         if NEED_DW:
-            dw_acc += tl.sum(dy * xhat, axis=0)
+            dw_acc += dy * xhat
         if NEED_DB:
-            db_acc += tl.sum(dy, axis=0)
+            db_acc += dy
     if NEED_DW:
-        tl.store(DW_PART + pid * C + cols, dw_acc, mask=cmask)
+        tl.store(DW_PART + pid * C + cols, tl.sum(dw_acc, axis=0), mask=cmask)
     if NEED_DB:
-        tl.store(DB_PART + pid * C + cols, db_acc, mask=cmask)
+        tl.store(DB_PART + pid * C + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
 _fwd_launch = DirectLauncher(_ln_fwd_kernel, "VISIONATTN_LN_FAST_LAUNCH")
 _bwd_launch = DirectLauncher(_ln_bwd_kernel, "VISIONATTN_LN_FAST_LAUNCH")
 
+# Tile sizes (elements per tile, rows x padded C), warps, and backward programs per SM. Module
+# state so a tuning script can sweep them; plans are cached per C, clear them after a change.
+TUNE = dict(fwd_elems=4096, fwd_warps=4, bwd_elems=2048, bwd_warps=4, bwd_per_sm=8)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a JIT function: slow to call from Python
+
 
 @functools.cache
-def _fwd_meta(c: int) -> tuple:
+def _plan(c: int, bwd: bool) -> tuple[int, int, int]:
     block_c = triton.next_power_of_2(c)
-    block_m = max(1, _FWD_ELEMS // block_c)
-    warps = 8 if block_c >= 2048 else 4
-    return block_m, block_c, warps
-
-
-@functools.cache
-def _bwd_meta(c: int) -> tuple:
-    block_c = triton.next_power_of_2(c)
-    block_m = max(1, _BWD_ELEMS // block_c)
-    warps = 8 if block_c >= 2048 else 4
+    elems = TUNE["bwd_elems" if bwd else "fwd_elems"]
+    block_m = max(1, elems // block_c)
+    warps = TUNE["bwd_warps" if bwd else "fwd_warps"]
+    if block_m * block_c >= 2 * elems:  # one row wider than a tile: more warps per row
+        warps = 8
     return block_m, block_c, warps
 
 
@@ -136,70 +140,70 @@ def forward(
     bias: torch.Tensor | None,
     eps: float,
     out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x2 [M, C]`` (unit column stride) -> ``(y [M, C] out_dtype, mean [M], rstd [M])``
-    (statistics float32)."""
+    stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x2 [M, C]`` (unit column stride) -> ``(y [M, C] out_dtype, stats)``; ``stats`` is
+    ``[2, M]`` float32 (mean, 1/std) for :func:`backward`, or None when not asked for."""
     m, c = x2.shape
     y = torch.empty((m, c), device=x2.device, dtype=out_dtype)
-    mean = torch.empty(m, device=x2.device, dtype=torch.float32)
-    rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
+    st = torch.empty((2, m), device=x2.device, dtype=torch.float32) if stats else None
     if m == 0:
-        return y, mean, rstd
-    block_m, block_c, warps = _fwd_meta(c)
+        return y, st
+    block_m, block_c, warps = _plan(c, False)
     has_w, has_b = weight is not None, bias is not None
-    consts = dict(HAS_W=has_w, HAS_B=has_b, BLOCK_M=block_m, BLOCK_C=block_c)
     _fwd_launch(
-        (triton.cdiv(m, block_m),),
-        (x2, weight if has_w else x2, bias if has_b else x2, y, mean, rstd),
-        (m, c, x2.stride(0), c, float(eps)),
-        consts,
+        (_cdiv(m, block_m),),
+        (
+            x2, weight if has_w else x2, bias if has_b else x2, y,
+            st[0] if stats else y, st[1] if stats else y,
+        ),
+        (m, c, x2.stride(0), c, eps),
+        dict(HAS_W=has_w, HAS_B=has_b, STATS=stats, BLOCK_M=block_m, BLOCK_C=block_c),
         dict(num_warps=warps),
-        (has_w, has_b, block_m, block_c, warps),
-    )
-    return y, mean, rstd
+        (has_w, has_b, stats, block_m, block_c, warps),
+    )  # fmt: skip
+    return y, st
 
 
 def backward(
     dy2: torch.Tensor,
     x2: torch.Tensor,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     need_dw: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dx [M, C] in x's dtype, dweight [C] float32 or None, dbias [C] float32 or
-    None)`` from ``dy2 [M, C]`` (unit column stride)."""
+    None)`` from ``dy2 [M, C]`` (unit column stride) and the forward's ``stats``."""
     m, c = x2.shape
     dx = torch.empty((m, c), device=x2.device, dtype=x2.dtype)
-    block_m, block_c, warps = _bwd_meta(c)
-    n_blocks = triton.cdiv(m, block_m)
+    block_m, block_c, warps = _plan(c, True)
+    n_blocks = _cdiv(m, block_m)
     # a few programs per SM; on CPU (the interpreter) a handful, enough to exercise the loop
-    slots = _n_sm(x2.device.index or 0) * _BWD_PROGRAMS_PER_SM if x2.is_cuda else 3
+    slots = _n_sm(x2.get_device()) * TUNE["bwd_per_sm"] if x2.is_cuda else 3
     programs = max(1, min(n_blocks, slots))
-    n_iter = triton.cdiv(n_blocks, programs)
     need_dw = need_dw and weight is not None
     part = None
     if need_dw or need_db:
-        part = torch.empty((2, programs, c), device=x2.device, dtype=torch.float32)
+        # every program writes its row of partial sums (programs <= row blocks)
+        alloc = torch.empty if m > 0 else torch.zeros
+        part = alloc((2, programs, c), device=x2.device, dtype=torch.float32)
     if m > 0:
         has_w = weight is not None
-        consts = dict(
-            HAS_W=has_w, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=block_m, BLOCK_C=block_c
-        )
-        dw_part = part[0] if part is not None else x2
-        db_part = part[1] if part is not None else x2
         _bwd_launch(
             (programs,),
-            (dy2, x2, weight if has_w else x2, mean, rstd, dx, dw_part, db_part),
-            (m, c, dy2.stride(0), x2.stride(0), c, n_iter),
-            consts,
+            (
+                dy2, x2, weight if has_w else x2, stats[0], stats[1], dx,
+                part[0] if part is not None else dx, part[1] if part is not None else dx,
+            ),
+            (m, c, dy2.stride(0), x2.stride(0), c, _cdiv(n_blocks, programs)),
+            dict(
+                HAS_W=has_w, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=block_m, BLOCK_C=block_c
+            ),
             dict(num_warps=warps),
             (has_w, need_dw, need_db, block_m, block_c, warps),
-        )
-    elif part is not None:
-        part.zero_()
-    sums = part.sum(1) if part is not None else None
-    dw = sums[0] if need_dw else None
-    db = sums[1] if need_db else None
-    return dx, dw, db
+        )  # fmt: skip
+    if part is None:
+        return dx, None, None
+    sums = part.sum(1)
+    return dx, sums[0] if need_dw else None, sums[1] if need_db else None
