@@ -62,21 +62,39 @@ def inplace_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return act(x)
 
 
+# Below this many elements a training-mode norm stays on PyTorch's kernel: the fused kernel's
+# autograd.Function costs ~0.2-0.4 ms more host time per call (forward + backward) on the lent
+# H200 machine, more than its GPU saving on small maps, and the small models (Agent-DeiT-T,
+# 4.8M-element norms) are host-bound: 58 vs 66 ms per step there, while LITv2-S (39M-element
+# stage-1 norms) ran 45 instead of 50 ms with the fused kernel.
+FUSED_NORM_TRAIN_MIN_NUMEL = 1 << 23
+
+
 class AutocastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state-dict keys) that runs on CUDA through
-    :func:`visionattn.kernels.layer_norm`: under autocast it reads the (float32) tokens as they
-    are and writes the autocast dtype, instead of autocast's float32 policy for norms; statistics
-    and affine are float32 either way. That saves the float32 output and the cast before the next
-    linear (which casts to that dtype anyway), and the gradient's cast back in the backward.
-    Outside autocast the output keeps the input's dtype; on other devices it is plain
-    ``nn.LayerNorm``."""
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that, on CUDA, writes its output
+    in the autocast dtype instead of autocast's float32 policy for norms, saving the float32
+    output and the cast before the next linear (which casts anyway).
+
+    It runs :func:`visionattn.kernels.layer_norm` (float32 tokens read as they are, float32
+    statistics and affine, output in the autocast dtype, the float32 gradient written by the
+    backward) for inference and for training on tensors of at least
+    ``FUSED_NORM_TRAIN_MIN_NUMEL`` elements. Smaller training-mode norms, and every norm on
+    other devices, are plain ``nn.LayerNorm`` (under autocast: float32 output). Outside
+    autocast the output keeps the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and len(self.normalized_shape) == 1:
-            dt = x.dtype
-            if torch.is_autocast_enabled("cuda"):
-                dt = torch.get_autocast_dtype("cuda")
-            return _kernels.layer_norm(x, self.weight, self.bias, self.eps, dt)
+        if x.device.type != "cuda" or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        w, b = self.weight, self.bias
+        training = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (w is not None and w.requires_grad)
+            or (b is not None and b.requires_grad)
+        )
+        if not training or x.numel() >= FUSED_NORM_TRAIN_MIN_NUMEL:
+            return _kernels.layer_norm(x, w, b, self.eps, dt)
+        # fewest host ops: one native norm (float32 output under autocast)
         return super().forward(x)
 
 
