@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
+from visionattn.backbones._layers import AutocastLayerNorm
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 
@@ -511,7 +512,8 @@ class FocalNet(nn.Module):
 
 def _norm_factory(eps: float) -> Callable[[int], nn.Module]:
     def make(dim: int) -> nn.Module:
-        return nn.LayerNorm(dim, eps=eps)
+        # nn.LayerNorm's keys; the fused norm on CUDA (see AutocastLayerNorm)
+        return AutocastLayerNorm(dim, eps=eps)
 
     return make
 

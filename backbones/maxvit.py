@@ -65,7 +65,12 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from torch import nn
 
 from visionattn.backbones._convert import build_converted, head_classes
-from visionattn.backbones._layers import fold_bn, fold_enabled, tensors_key
+from visionattn.backbones._layers import (
+    AutocastLayerNorm,
+    fold_bn,
+    fold_enabled,
+    tensors_key,
+)
 from visionattn.backbones._layers import inplace_act as _act
 from visionattn.backbones._layers import linear_tokens as _linear
 from visionattn.kernels import na2d
@@ -447,7 +452,9 @@ class PartitionAttention(nn.Module):
         super().__init__()
         if partition_type not in ("block", "grid"):
             raise ValueError(f"partition_type: must be 'block' or 'grid', got {partition_type!r}")
-        norm_layer = partial(get_norm_layer(cfg.norm_layer_cl), eps=cfg.norm_eps)
+        # timm's "layernorm" is nn.LayerNorm with its keys: the fused norm on CUDA instead
+        cl_norm = AutocastLayerNorm if cfg.norm_layer_cl == "layernorm" else None
+        norm_layer = partial(cl_norm or get_norm_layer(cfg.norm_layer_cl), eps=cfg.norm_eps)
         act_layer = get_act_layer(cfg.act_layer)
         self.partition_block = partition_type == "block"
         self.partition_size = to_2tuple(cfg.window_size if self.partition_block else cfg.grid_size)
