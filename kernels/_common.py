@@ -26,6 +26,7 @@ Window geometry (per axis, length ``L``, kernel ``k``, stride ``s``, dilation ``
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 __all__ = [
     "NAParams",
+    "impl_choice",
     "axis_windows",
     "check_na_args",
     "next_pow2",
@@ -314,6 +316,15 @@ class CheckMemo:
                 self.results.clear()
             self.results[key] = result
         return result
+
+
+def impl_choice(env: str) -> str:
+    """An op's implementation override from the environment variable ``env``: ``"auto"``
+    (default: Triton on CUDA, the reference elsewhere), ``"triton"`` or ``"reference"``."""
+    choice = os.environ.get(env, "auto").lower()
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(f"{env} must be 'auto', 'triton' or 'reference', got {choice!r}")
+    return choice
 
 
 def eager_call(q: Tensor) -> bool:

@@ -15,13 +15,11 @@ kernels on CPU under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import eager_call
+from ._common import eager_call, impl_choice
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -41,10 +39,9 @@ def _triton_module():
 
 
 def _use_triton(x: Tensor) -> bool:
-    choice = os.environ.get("VISIONATTN_LN_IMPL", "auto").lower()
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"VISIONATTN_LN_IMPL must be auto, triton or reference, got {choice!r}")
-    if choice == "reference" or x.dtype not in _KERNEL_DTYPES or torch.compiler.is_compiling():
+    # called after eager_call: never while tracing
+    choice = impl_choice("VISIONATTN_LN_IMPL")
+    if choice == "reference" or x.dtype not in _KERNEL_DTYPES:
         return False
     if choice == "auto" and not x.is_cuda:
         return False
@@ -53,6 +50,12 @@ def _use_triton(x: Tensor) -> bool:
     except Exception:  # pragma: no cover - no usable Triton in this install
         return False
     return x.shape[-1] <= tri.MAX_C
+
+
+def _rows(t: Tensor, c: int) -> Tensor:
+    """``t`` as ``[M, c]`` rows with unit column stride (a view when the layout allows)."""
+    t2 = t.reshape(-1, c)
+    return t2.contiguous() if c > 1 and t2.stride(1) != 1 else t2
 
 
 def layer_norm_reference(
@@ -81,9 +84,7 @@ class _LayerNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, out_dtype):  # noqa: D102
         tri = _triton_module()
         c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        if c > 1 and x2.stride(1) != 1:
-            x2 = x2.contiguous()
+        x2 = _rows(x, c)
         y, stats = tri.forward(x2, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x2, weight, stats)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -94,9 +95,7 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy):  # noqa: D102
         x2, weight, stats = ctx.saved_tensors
         c = x2.shape[1]
-        dy2 = dy.reshape(-1, c)
-        if c > 1 and dy2.stride(1) != 1:
-            dy2 = dy2.contiguous()
+        dy2 = _rows(dy, c)
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dx, dw, db = _triton_module().backward(dy2, x2, weight, stats, need_dw, need_db)
@@ -151,8 +150,5 @@ def layer_norm(
         return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype)
     # inference: no autograd node, no saved statistics kept
     c = x.shape[-1]
-    x2 = x.reshape(-1, c)
-    if c > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = _triton_module().forward(x2, weight, bias, float(eps), out_dtype, stats=False)[0]
+    y = _triton_module().forward(_rows(x, c), weight, bias, float(eps), out_dtype, stats=False)[0]
     return y.view(*x.shape[:-1], c)

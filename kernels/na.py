@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ._common import CheckMemo, NAParams, check_na_args, eager_call, window_tables
+from ._common import CheckMemo, NAParams, check_na_args, eager_call, impl_choice, window_tables
 from .na_reference import reference_backward, reference_forward
 
 try:  # Triton is optional (CPU-only installs); the reference covers every case.
@@ -36,17 +35,8 @@ except Exception:  # pragma: no cover - depends on the install
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention"]
 
 
-def _impl_choice() -> str:
-    choice = os.environ.get("VISIONATTN_NA_IMPL", "auto").lower()
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(
-            f"VISIONATTN_NA_IMPL must be 'auto', 'triton' or 'reference', got {choice!r}"
-        )
-    return choice
-
-
 def _use_triton(q: Tensor, k: Tensor, v: Tensor, p: NAParams) -> bool:
-    choice = _impl_choice()
+    choice = impl_choice("VISIONATTN_NA_IMPL")
     if choice == "reference" or _tri is None or q.dtype == torch.float64:
         return False
     if choice == "triton":

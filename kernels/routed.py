@@ -14,12 +14,11 @@ Public entry point: :func:`routed_attention`.  It validates its inputs, then cal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-from ._common import CheckMemo, eager_call
+from ._common import CheckMemo, eager_call, impl_choice
 from .routed_reference import routed_bwd_reference, routed_fwd_reference
 
 __all__ = ["routed_attention", "routed_tiles"]
@@ -48,11 +47,7 @@ _TRITON = None
 def _use_triton(x: torch.Tensor) -> bool:
     if x.dtype not in _KERNEL_DTYPES:
         return False
-    choice = os.environ.get("VISIONATTN_ROUTED_IMPL", "auto").lower()
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(
-            f"VISIONATTN_ROUTED_IMPL must be auto, triton or reference, got {choice!r}"
-        )
+    choice = impl_choice("VISIONATTN_ROUTED_IMPL")
     if choice == "reference":
         return False
     if choice == "triton":  # CPU tensors only work with an interpreted (TRITON_INTERPRET=1) copy
