@@ -63,10 +63,11 @@ def inplace_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # Below this many elements a training-mode norm stays on PyTorch's kernel: the fused kernel's
-# autograd.Function costs ~0.2-0.4 ms more host time per call (forward + backward) on the lent
-# H200 machine, more than its GPU saving on small maps, and the small models (Agent-DeiT-T,
-# 4.8M-element norms) are host-bound: 58 vs 66 ms per step there, while LITv2-S (39M-element
-# stage-1 norms) ran 45 instead of 50 ms with the fused kernel.
+# Python autograd.Function adds ~70 us of host time per forward + backward on the lent H200
+# machine (289 vs 220 us for one small norm), more than its GPU saving on small maps, and the
+# small models are host-bound. Measured there, alternating in one process: Agent-DeiT-T
+# (4.8M-element norms) 57-65 ms per step with plain norms, 63-70 with all norms fused;
+# LITv2-S (39M-element stage-1 norms) 45 instead of 50 ms with the fused kernel.
 FUSED_NORM_TRAIN_MIN_NUMEL = 1 << 23
 
 
