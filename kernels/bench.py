@@ -200,15 +200,28 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
                     f()
                     ms = _bench(f, grad_to_none=leaves if pas == "fwdbwd" else None)
                     mem = _peak_mb(f)
+                    # GPU time alone (CUDA-graph replay: no Python, no launch latency); on
+                    # the lent machine's slow host a small call's do_bench time is host time
+                    # (forward only: capturing the fwd+bwd call failed on the H200 and left
+                    # the CUDA context in an error state that broke every later row)
+                    ms_graph = None
+                    if impl == "ours" and pas == "fwd":
+                        from triton.testing import do_bench_cudagraph
+
+                        ms_graph = float(do_bench_cudagraph(f, rep=20))
                 if impl == "sdpa_dense":
                     fl = fl / kt * ntok  # dense attention computes every pair
                 roof = by / bw * 1e3
+                row_note = note
+                if ms_graph:
+                    sep = "; " if note else ""
+                    row_note = f"{note}{sep}GPU-only (CUDA graph) {ms_graph:.3f} ms"
                 rows.append(
                     dict(
                         name=name, op="na2d", impl=impl, **{"pass": pas}, ms=ms,
                         roofline_ms=roof, pct_roofline=100.0 * roof / ms,
                         tflops=fl / (ms * 1e-3) / 1e12, peak_mem_mb=mem,
-                        speedup_vs_flex=None, shape=shape, note=note,
+                        speedup_vs_flex=None, shape=shape, note=row_note, ms_cudagraph=ms_graph,
                     )
                 )  # fmt: skip
         except Exception as exc:  # a baseline that cannot run this pattern is reported

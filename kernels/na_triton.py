@@ -121,10 +121,12 @@ def _tile_ids(pid, NT0, NT1, NT2, D1, D2):
     return g0, g1, g2, t0, t1, t2
 
 
-# Problem sizes are not specialised (one compiled variant serves every map size); strides
-# keep Triton's divisibility specialisation, which the vectorised head-dim loads rely on.
+# Problem sizes are not specialised (one compiled variant serves every map size). Strides and
+# the real head dims keep Triton's divisibility-by-16 specialisation: it is what lets the
+# head-dim masks (d < dk_real) vectorise. With dk_real unspecialised every q/k/v element was
+# a scalar load (56x56 k7 forward: L1-bound at 74%; 215 -> 156 us on H200, session 6).
 _SIZES = ["H", "L0", "L1", "L2", "K0", "K1", "K2", "S0", "S1", "S2", "D0", "D1", "D2",
-          "NT0", "NT1", "NT2", "dk_real", "dv_real", "C0", "C1", "C2", "ZERO"]  # fmt: skip
+          "NT0", "NT1", "NT2", "C0", "C1", "C2", "ZERO"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- forward / dq
@@ -504,7 +506,7 @@ def _na_bwd_kv_kernel(
 # (query, key) positions inside the window, so a program gathers them once and reuses them
 # for every batch element it loops over; their gradient is summed in registers over that loop.
 _WIN_SIZES = ["B", "H", "NTOK", "L1", "L2", "K0", "K1", "K2", "D0", "D1", "D2", "NW1", "NW2",
-              "NWIN", "BPER", "dk_real", "dv_real"]  # fmt: skip
+              "NWIN", "BPER"]  # fmt: skip
 
 
 @triton.jit
@@ -674,8 +676,10 @@ def _tile(lg: int, want: int) -> int:
 # experiments: keys "tq", "kb", "kt", "qb" (3-tuples), "warps", "stages", "bwd_warps".
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
-# dk/dv pass: query blocks twice as wide as the key tile measured 10-25% faster on H200
-_DEFAULT_QB = {1: (1, 1, 64), 2: (1, 8, 16), 3: (4, 4, 4)}
+# dk/dv pass query blocks. 2-D: 8x16 measured 10-25% faster than 8x8 while the head-dim
+# loads were scalar (session 1); with them vectorised (session 6) 8x8 is faster at every
+# head dim, by 10-45% together with the warps/stages in _launch_opts (H200).
+_DEFAULT_QB = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
 
 
 def _head_pads(dk: int, dv: int) -> tuple[int, int]:
@@ -686,9 +690,18 @@ def _head_pads(dk: int, dv: int) -> tuple[int, int]:
     return dkp, max(dvp, dkp)
 
 
-def _launch_opts(bwd: bool = False, fp32_wide: bool = False) -> dict:
+def _launch_opts(bwd: bool, ieee: bool, n: int, head: int) -> dict:
+    """num_warps / num_stages of the general kernels (the window kernel has its own)."""
     opts = {}
-    if fp32_wide:  # fp32 tiles with wide heads overflow shared memory when pipelined
+    if ieee and head >= 64:  # fp32 tiles with wide heads overflow shared memory when pipelined
+        opts["num_stages"] = 1
+    if n == 2 and head <= 32 and not ieee:
+        # 2 warps: 56x56 k7 d32 forward 156 -> 131 us, backward 584 -> 488 (with 8x8 query
+        # blocks), HaloNet and 128x128 likewise; 64-wide heads and up lose (H200, session 6)
+        opts["num_warps"] = 2
+    if bwd and head >= 64:
+        # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it
+        # ran 128x128 k13 d64 2.65 -> 1.49 ms and 64x64 k9 d128 0.39 -> 0.22 ms (H200)
         opts["num_stages"] = 1
     w = _TUNE.get("bwd_warps" if bwd else "warps")
     if w:
@@ -723,12 +736,8 @@ def _fwd_config(L, K, S, D, n):
     return tuple(tq), tuple(qstep), tuple(kb)
 
 
-def _kv_config(L, K, D, n, head: int = 32):
+def _kv_config(L, K, D, n):
     default_q = _DEFAULT_QB[n]
-    if n == 2 and head >= 128:
-        # 128-wide heads: the 8x16 query block (best at d32/d64) made the dk/dv pass spill;
-        # 8x8 took the 64x64 k9 d128 fwd+bwd from 0.98 to 0.52 ms on H200 (session 4)
-        default_q = (1, 8, 8)
     want = _TUNE.get("kt", _DEFAULT_TILES[n]) if n == 2 else _DEFAULT_TILES[n]
     want_q = _TUNE.get("qb", default_q) if n == 2 else default_q
     kt = [_tile(_lg_max(L[a], D[a]), want[a]) for a in range(3)]
@@ -786,23 +795,23 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     B, H, dk = shape[0], shape[-2], shape[-1]
     dkp, dvp = _head_pads(dk, dv)
     ieee = dtype == torch.float32
-    wide = ieee and max(dkp, dvp) >= 64
+    hd = max(dkp, dvp)
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
-    ktile, qb = _kv_config(L, K, D, n, max(dkp, dvp))
+    ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
     tiles = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2])
     return _Plan(
         n=n, geo=(H, *L, *K, *S, *D), flags=(*(int(c) for c in C), int(p.zero_border)),
         any_causal=any(C), scale2=p.scale * _LOG2E, dk=dk, dv=dv, dkp=dkp, dvp=dvp, ieee=ieee,
         fwd_grid=(math.prod(nt) * math.prod(D) * H, B), fwd_sizes=(*nt, *qstep),
-        fwd_meta=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(fp32_wide=wide)),
+        fwd_meta=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(False, ieee, n, hd)),
         kv_grid=(math.prod(ntk) * math.prod(D) * H, B), kv_sizes=ntk,
         kv_meta=dict(
             KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
-            DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide),
+            DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(True, ieee, n, hd),
         ),
-        bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(bwd=True, fp32_wide=wide)),
+        bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(True, ieee, n, hd)),
         ntok=math.prod(L), kt=math.prod(K), metas={},
     )  # fmt: skip
 
