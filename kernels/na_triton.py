@@ -848,6 +848,15 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             d = dict(pl.bwd_opts if flags[3] else pl.fwd_meta, **dict(zip(_FWD_FLAGS, flags)))
         else:
             d = dict(pl.kv_meta, HAS_BIAS=flags[0], HAS_RPB=flags[1])
+        bwd = len(flags) == 2 or flags[3]
+        biased = flags[0] or flags[1] if len(flags) == 6 else flags[0]
+        if biased and d.get("num_warps") == 2 and not _TUNE.get("bwd_warps" if bwd else "warps"):
+            # Gathered [M, N] bias loads (and the dq pass's dS stores) need 4 warps' registers
+            # (H200, session 6): NAT-mini's forward + dq kernels took 51 ms per training step
+            # with 2 warps against 19 with 4 (rpb); HaloNet50ts's dk/dv kernel 34 against
+            # 3.1 ms (attn_bias). The dk/dv kernel keeps 2 warps with rpb alone (NAT-mini:
+            # 11 ms against 24 with the earlier 4 warps and 8x16 query blocks).
+            d["num_warps"] = 4
         if flags[0] and flags[1]:
             # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
             # pipeliner stages both in shared memory, which overflowed H200's 227 KB with 3
