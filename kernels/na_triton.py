@@ -711,10 +711,20 @@ def _launch_opts(bwd: bool, ieee: bool, n: int, head: int) -> dict:
     return opts
 
 
-def _fwd_config(L, K, S, D, n):
+# Key blocks of the forward/dq kernel when it reads the rpb table (2-D): two rows of 16
+# keys. Per (query, key) the table index is row-major in the key position, so 16 keys along
+# a row are 16 adjacent table entries; 8x8 blocks scattered the gather over 8 table rows.
+# H200, bf16, 56x56 k7 B64 h2 d32 + rpb: forward 877 -> 236 us, dq + dk/dv 1.87 -> 1.53 ms;
+# 14x14 B128 h8: 578 -> 135 us (session 6). Without a bias 8x8 stays faster (131 vs 137 us).
+_RPB_KB2 = (1, 2, 16)
+
+
+def _fwd_config(L, K, S, D, n, rpb: bool = False):
     """Query tile box, its step per axis and the key block box."""
     want_q = _TUNE.get("tq", _DEFAULT_TILES[n]) if n == 2 else _DEFAULT_TILES[n]
-    want_k = _TUNE.get("kb", want_q) if n == 2 else want_q
+    want_k = want_q
+    if n == 2:
+        want_k = _TUNE.get("kb", _RPB_KB2 if rpb else want_q)
     tq = [_tile(_lg_max(L[a], D[a]), want_q[a]) for a in range(3)]
     # at least 16 rows for tl.dot: grow the innermost non-trivial axis
     while math.prod(tq) < 16:
@@ -782,6 +792,7 @@ class _Plan(NamedTuple):
     ntok: int
     kt: int
     metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
+    rpb_kb: dict  # KB0..2 of the forward/dq kernel when it reads the rpb table
 
 
 @functools.lru_cache(maxsize=1024)
@@ -797,6 +808,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     ieee = dtype == torch.float32
     hd = max(dkp, dvp)
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
+    rkb = _fwd_config(L, K, S, D, n, rpb=True)[2]
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
     ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
@@ -813,6 +825,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
         ),
         bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(True, ieee, n, hd)),
         ntok=math.prod(L), kt=math.prod(K), metas={},
+        rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]),
     )  # fmt: skip
 
 
@@ -846,6 +859,8 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
     if m is None:
         if len(flags) == 6:
             d = dict(pl.bwd_opts if flags[3] else pl.fwd_meta, **dict(zip(_FWD_FLAGS, flags)))
+            if flags[1]:
+                d.update(pl.rpb_kb)
         else:
             d = dict(pl.kv_meta, HAS_BIAS=flags[0], HAS_RPB=flags[1])
         bwd = len(flags) == 2 or flags[3]
