@@ -39,6 +39,7 @@ ROW_KEYS = (
 # name, spatial, kernel, stride, dilation, batch, heads, head_dim, border, rpb
 PROBLEMS = [
     ("dinat_56_k7_dil1", (56, 56), 7, 1, 1, 64, 2, 32, "clamp", False),
+    ("nat_56_k7_rpb", (56, 56), 7, 1, 1, 64, 2, 32, "clamp", True),  # NAT-mini stage 1
     ("dinat_56_k7_dil8", (56, 56), 7, 1, 8, 64, 2, 32, "clamp", False),
     ("dinat_28_k7_dil4", (28, 28), 7, 1, 4, 64, 4, 32, "clamp", False),
     ("na_128_k7", (128, 128), 7, 1, 1, 16, 4, 32, "clamp", False),
