@@ -230,6 +230,37 @@ def test_window_plan_choice():
     assert small.WP == 4 and small.P == 16  # 16 packed windows of 4 tokens: 64 rows
 
 
+def test_general_launch_options():
+    """Launch policy of the general kernels (measured on H200, kernels/NOTES.md session 6):
+    2 warps only for unbiased 2-D half-precision calls with heads <= 32 (biased 2-warp
+    variants spilled: HaloNet's dk/dv 11x slower), 2x16 key blocks when the rpb table is read,
+    one pipeline stage for the backward of wide heads."""
+    pytest.importorskip("triton")
+    from visionattn.kernels import na_triton
+    from visionattn.kernels._common import NAParams
+
+    p = NAParams((7, 7), (1, 1), (1, 1), (False, False), False, 1.0)
+    q = torch.empty(2, 56, 56, 2, 32, dtype=torch.bfloat16)
+
+    def launch(q, flags):
+        consts, opts, _ = na_triton._flag_meta(na_triton._plan(q, q.shape[-1], p), flags)
+        return consts, opts
+
+    fwd = (False, False, False, False, False, False)
+    c, o = launch(q, fwd)
+    assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8)
+    c, o = launch(q, (False, True) + fwd[2:])  # rpb: 4 warps, 2x16 key blocks
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
+    assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
+    assert launch(q, (True, False, False, True, True, False))[1]["num_warps"] == 4  # dq pass
+    assert launch(q, (True, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
+    assert launch(q, (False, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
+    assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
+    wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
+    assert launch(wide, fwd)[1].get("num_warps") is None
+    assert launch(wide, (False, False))[1]["num_stages"] == 1
+
+
 def test_window_out_of_resources_uses_general_kernels(monkeypatch):
     """A whole-window variant that does not fit the GPU hands its calls, this one and later
     ones, to the general kernels (no retry per call)."""
