@@ -677,8 +677,9 @@ def _tile(lg: int, want: int) -> int:
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
 # dk/dv pass query blocks. 2-D: 8x16 measured 10-25% faster than 8x8 while the head-dim
-# loads were scalar (session 1); with them vectorised (session 6) 8x8 is faster at every
-# head dim, by 10-45% together with the warps/stages in _launch_opts (H200).
+# loads were scalar (session 1). With them vectorised (session 6, H200), 8x8 together with
+# _launch_opts' 2 warps (heads <= 32) or 1 stage (heads >= 64) beat 8x16 by 11-44% on the
+# 2-D benchmark problems; 8x8 alone at 4 warps was slower for d32 (667 vs 584 us, 56x56 k7).
 _DEFAULT_QB = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
 
 
