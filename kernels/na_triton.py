@@ -871,7 +871,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             # (H200, session 6): NAT-mini's forward + dq kernels took 51 ms per training step
             # with 2 warps against 19 with 4 (rpb); HaloNet50ts's dk/dv kernel 34 against
             # 3.1 ms (attn_bias). The dk/dv kernel keeps 2 warps with rpb alone (NAT-mini:
-            # 11 ms against 24 with the earlier 4 warps and 8x16 query blocks).
+            # 11.1 ms against 12.3 with 4 warps, 24 with 4 warps and 8x16 query blocks).
             d["num_warps"] = 4
         if flags[0] and flags[1]:
             # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
