@@ -204,7 +204,9 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
                     # GPU time alone (CUDA-graph replay: no Python, no launch latency); on
                     # the lent machine's slow host a small call's do_bench time is host time
                     # (forward only: capturing the fwd+bwd call failed on the H200 and left
-                    # the CUDA context in an error state that broke every later row)
+                    # the CUDA context in an error state that broke every later row; the
+                    # same do_bench_cudagraph backward failure is common across operators,
+                    # meta-pytorch/tritonbench#349)
                     ms_graph = None
                     if impl == "ours" and pas == "fwd":
                         from triton.testing import do_bench_cudagraph
