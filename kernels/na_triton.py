@@ -691,15 +691,22 @@ def _head_pads(dk: int, dv: int) -> tuple[int, int]:
     return dkp, max(dvp, dkp)
 
 
-def _launch_opts(bwd: bool, ieee: bool, n: int, head: int) -> dict:
-    """num_warps / num_stages of the general kernels (the window kernel has its own)."""
+def _launch_opts(bwd: bool, ieee: bool, n: int, head: int, gathers: bool) -> dict:
+    """num_warps / num_stages of one general-kernel launch (the window kernel has its own).
+    ``gathers``: the launch reads a logit bias (any kernel) or the rpb table (forward/dq)."""
     opts = {}
     if ieee and head >= 64:  # fp32 tiles with wide heads overflow shared memory when pipelined
         opts["num_stages"] = 1
     if n == 2 and head <= 32 and not ieee:
         # 2 warps: 56x56 k7 d32 forward 156 -> 131 us, backward 584 -> 488 (with 8x8 query
-        # blocks), HaloNet and 128x128 likewise; 64-wide heads and up lose (H200, session 6)
-        opts["num_warps"] = 2
+        # blocks), HaloNet and 128x128 likewise; 64-wide heads and up lose (H200, session 6).
+        # Gathered [M, N] bias loads (and the dq pass's dS stores) need 4 warps' registers:
+        # NAT-mini's forward + dq kernels took 51 ms per training step with 2 warps against
+        # 19 with 4 (rpb); HaloNet50ts's dk/dv kernel 34 against 3.1 ms (attn_bias). With rpb
+        # alone the dk/dv kernel measured faster at 2 warps (NAT-mini: 11.1 ms against 12.3
+        # with 4 warps, 24 with 4 warps and 8x16 query blocks), so rpb counts as a gather
+        # only for the forward/dq kernel.
+        opts["num_warps"] = 4 if gathers else 2
     if bwd and head >= 64:
         # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it
         # ran 128x128 k13 d64 2.65 -> 1.49 ms and 64x64 k9 d128 0.39 -> 0.22 ms (H200)
@@ -785,11 +792,10 @@ class _Plan(NamedTuple):
     ieee: bool
     fwd_grid: tuple
     fwd_sizes: tuple  # NT0..2, QSTEP0..2
-    fwd_meta: dict  # constexpr tiles + launch options
+    fwd_consts: dict  # constexpr tiles and head dims of the forward/dq kernel
     kv_grid: tuple
     kv_sizes: tuple  # NT0..2 of key tiles
-    kv_meta: dict
-    bwd_opts: dict
+    kv_consts: dict  # the same for the dk/dv kernel
     ntok: int
     kt: int
     metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
@@ -807,7 +813,6 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     B, H, dk = shape[0], shape[-2], shape[-1]
     dkp, dvp = _head_pads(dk, dv)
     ieee = dtype == torch.float32
-    hd = max(dkp, dvp)
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
     rkb = _fwd_config(L, K, S, D, n, rpb=True)[2]
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
@@ -818,13 +823,12 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
         n=n, geo=(H, *L, *K, *S, *D), flags=(*(int(c) for c in C), int(p.zero_border)),
         any_causal=any(C), scale2=p.scale * _LOG2E, dk=dk, dv=dv, dkp=dkp, dvp=dvp, ieee=ieee,
         fwd_grid=(math.prod(nt) * math.prod(D) * H, B), fwd_sizes=(*nt, *qstep),
-        fwd_meta=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(False, ieee, n, hd)),
+        fwd_consts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee),
         kv_grid=(math.prod(ntk) * math.prod(D) * H, B), kv_sizes=ntk,
-        kv_meta=dict(
+        kv_consts=dict(
             KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
-            DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(True, ieee, n, hd),
+            DK=dkp, DV=dvp, IEEE=ieee,
         ),
-        bwd_opts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, **_launch_opts(True, ieee, n, hd)),
         ntok=math.prod(L), kt=math.prod(K), metas={},
         rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]),
     )  # fmt: skip
@@ -859,20 +863,14 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
     m = pl.metas.get(flags)
     if m is None:
         if len(flags) == 6:
-            d = dict(pl.bwd_opts if flags[3] else pl.fwd_meta, **dict(zip(_FWD_FLAGS, flags)))
+            bwd, gathers = flags[3], flags[0] or flags[1]
+            d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
                 d.update(pl.rpb_kb)
         else:
-            d = dict(pl.kv_meta, HAS_BIAS=flags[0], HAS_RPB=flags[1])
-        bwd = len(flags) == 2 or flags[3]
-        biased = flags[0] or flags[1] if len(flags) == 6 else flags[0]
-        if biased and d.get("num_warps") == 2 and not _TUNE.get("bwd_warps" if bwd else "warps"):
-            # Gathered [M, N] bias loads (and the dq pass's dS stores) need 4 warps' registers
-            # (H200, session 6): NAT-mini's forward + dq kernels took 51 ms per training step
-            # with 2 warps against 19 with 4 (rpb); HaloNet50ts's dk/dv kernel 34 against
-            # 3.1 ms (attn_bias). The dk/dv kernel keeps 2 warps with rpb alone (NAT-mini:
-            # 11.1 ms against 12.3 with 4 warps, 24 with 4 warps and 8x16 query blocks).
-            d["num_warps"] = 4
+            bwd, gathers = True, flags[0]
+            d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1])
+        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
         if flags[0] and flags[1]:
             # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
             # pipeliner stages both in shared memory, which overflowed H200's 227 KB with 3
