@@ -145,11 +145,9 @@ def _na_fwd_kernel(
     C0, C1, C2, ZERO,
     HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
     BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr, ATOMIC_DBIAS: tl.constexpr,
-    TABLE_DRPB: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
-    TB1: tl.constexpr, TB2: tl.constexpr,
 ):  # fmt: skip
     """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DELTA, DQ and optionally DBIAS).
 
@@ -158,9 +156,7 @@ def _na_fwd_kernel(
     relative-position table, read in place through the relative index. DBIAS receives the
     logit gradient dS in ``[B|1, h, N, K]`` layout: stored per batch element, or atomically
     summed over the batch into one slice (``ATOMIC_DBIAS``, batch stride 0) when only its
-    batch sum is needed (rpb, batch-broadcast attn_bias). ``TABLE_DRPB`` (2-D, rpb alone):
-    each program instead sums its dS onto the ``[TB1, TB2]`` (padded 2K-1 per axis) rpb table
-    itself and stores that partial table in its own DBIAS slot; the host sums the slots.
+    batch sum is needed (rpb, batch-broadcast attn_bias).
     """
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = KB0 * KB1 * KB2
@@ -242,16 +238,6 @@ def _na_fwd_kernel(
             delta = delta - tl.load(DLSE + lse_off, mask=row_ok, other=0.0)
         tl.store(DELTA + lse_off, delta, mask=row_ok)
         dq_acc = tl.zeros([BLOCK_M, DK], dtype=tl.float32)
-        if TABLE_DRPB:
-            tab = tl.zeros([TB1, TB2], dtype=tl.float32)
-            # (query row, key row) pairs index the rows of the regrouped dS block below,
-            # (query col, key col) pairs its columns
-            ry = tl.arange(0, TQ1 * KB1)
-            rx = tl.arange(0, TQ2 * KB2)
-            oy_q = t1 * QSTEP1 + ry // KB1
-            ox_q = t2 * QSTEP2 + rx // KB2
-            bins_y = tl.arange(0, TB1)
-            bins_x = tl.arange(0, TB2)
     else:
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -307,24 +293,6 @@ def _na_fwd_kernel(
                     else:
                         dp = tl.dot(do, tl.trans(vv))
                     ds = p * (dp - delta[:, None])
-                    if TABLE_DRPB:
-                        # rpb's gradient: dS summed by relative offset (key - query + K - 1
-                        # per axis). Regroup dS [(qy, qx), (ky, kx)] as [(qy, ky), (qx, kx)],
-                        # then two one-hot products bin the column offsets, then the row
-                        # offsets: no atomics, no [N, K] buffer.
-                        ds4 = tl.reshape(ds, [TQ1, TQ2, KB1, KB2])
-                        ds2 = tl.reshape(tl.permute(ds4, (0, 2, 1, 3)), [TQ1 * KB1, TQ2 * KB2])
-                        offx = j2 + rx % KB2 - ox_q + (K2 - 1)
-                        ex = (offx[:, None] == bins_x[None, :]).to(tl.float32)
-                        offy = j1 + ry % KB1 - oy_q + (K1 - 1)
-                        ey = (bins_y[:, None] == offy[None, :]).to(tl.float32)
-                        if IEEE:
-                            part = tl.dot(ds2, ex, input_precision="ieee")
-                            tab += tl.dot(ey, part, input_precision="ieee")
-                        else:
-                            # one-hot factors are exact in tf32; x3 keeps dS's float32 bits
-                            part = tl.dot(ds2, ex, input_precision="tf32x3")
-                            tab += tl.dot(ey, part, input_precision="tf32x3")
                     if WRITE_DBIAS:
                         tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
                         tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
@@ -350,10 +318,6 @@ def _na_fwd_kernel(
                     m_i = m_new
 
     if BWD:
-        if TABLE_DRPB:
-            # one [TB1, TB2] slot per program: DBIAS is [B, tiles, H, TB1, TB2]
-            t_off = (pid // H) * (H * TB1 * TB2) + bins_y[:, None] * TB2 + bins_x[None, :]
-            tl.store(DBIAS + t_off, tab)
         dq_acc = dq_acc * (scale2 * 0.6931471805599453)
         dq_off = qi0 * sg0 + qi1 * sg1 + qi2 * sg2
         tl.store(
@@ -836,8 +800,6 @@ class _Plan(NamedTuple):
     kt: int
     metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
     rpb_kb: dict  # KB0..2 of the forward/dq kernel when it reads the rpb table
-    table_drpb: bool  # the dq pass can bin rpb's gradient per program (2-D, see the kernel)
-    tb: tuple  # padded rpb table sides (TB1, TB2) of that binning
 
 
 @functools.lru_cache(maxsize=1024)
@@ -857,21 +819,18 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
     tiles = dict(TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], KB0=kb[0], KB1=kb[1], KB2=kb[2])
-    tb = (next_pow2(2 * K[1] - 1), next_pow2(2 * K[2] - 1))
-    # the binning's regrouped dS block [(qy, ky), (qx, kx)] feeds tl.dot: both sides >= 16
-    table_drpb = n == 2 and tq[0] == 1 and rkb[0] == 1 and min(tq[1] * rkb[1], tq[2] * rkb[2]) >= 16
     return _Plan(
         n=n, geo=(H, *L, *K, *S, *D), flags=(*(int(c) for c in C), int(p.zero_border)),
         any_causal=any(C), scale2=p.scale * _LOG2E, dk=dk, dv=dv, dkp=dkp, dvp=dvp, ieee=ieee,
         fwd_grid=(math.prod(nt) * math.prod(D) * H, B), fwd_sizes=(*nt, *qstep),
-        fwd_consts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee, TB1=tb[0], TB2=tb[1]),
+        fwd_consts=dict(tiles, DK=dkp, DV=dvp, IEEE=ieee),
         kv_grid=(math.prod(ntk) * math.prod(D) * H, B), kv_sizes=ntk,
         kv_consts=dict(
             KT0=ktile[0], KT1=ktile[1], KT2=ktile[2], QB0=qb[0], QB1=qb[1], QB2=qb[2],
             DK=dkp, DV=dvp, IEEE=ieee,
         ),
         ntok=math.prod(L), kt=math.prod(K), metas={},
-        rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]), table_drpb=table_drpb, tb=tb,
+        rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]),
     )  # fmt: skip
 
 
@@ -896,14 +855,14 @@ def _meta(consts: dict) -> tuple:
 
 _fwd_launch = DirectLauncher(_na_fwd_kernel, "VISIONATTN_NA_FAST_LAUNCH")
 _kv_launch = DirectLauncher(_na_bwd_kv_kernel, "VISIONATTN_NA_FAST_LAUNCH")
-_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS", "TABLE_DRPB")
+_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS")
 
 
 def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
-    """The launch meta of one flag combination (7 flags: forward/dq kernel, 2: dk/dv)."""
+    """The launch meta of one flag combination (6 flags: forward/dq kernel, 2: dk/dv)."""
     m = pl.metas.get(flags)
     if m is None:
-        if len(flags) == 7:
+        if len(flags) == 6:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
@@ -1152,7 +1111,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
             *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
             pl.dv, *pl.flags,
         ),
-        *_flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False, False)),
+        *_flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False)),
     )  # fmt: skip
     return out, lse
 
@@ -1176,8 +1135,7 @@ def backward(
     ``ds`` is the logit gradient in window layout, float32, None unless ``need_dbias``:
     ``[B, h, N, K]`` if attn_bias has a batch axis, else its batch sum ``[1, h, N, K]``
     (the general kernels also return it for ``need_drpb`` alone). ``drpb`` is rpb's gradient
-    ``[h, table size]`` float32 where a kernel binned it directly (the whole-window kernel; the
-    dq pass for 2-D rpb without attn_bias), else None
+    ``[h, table size]`` float32 where the whole-window kernel computed it directly, else None
     (then the caller scatters ``ds`` onto the table).
     """
     B, H = q.shape[0], q.shape[-2]
@@ -1208,24 +1166,15 @@ def backward(
     dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
     ds = None
     atomic = False
-    table = need_drpb and not need_dbias and pl.table_drpb and not _TUNE.get("no_table_drpb")
-    if table:
-        # every program stores its own binned [TB1, TB2] table; summed below
-        tt = pl.tb[0] * pl.tb[1]
-        ds = torch.empty(B, pl.fwd_grid[0], tt, dtype=torch.float32, device=q.device)
-        sdb, sdh = pl.fwd_grid[0] * tt, tt
-    elif need_ds:
+    if need_ds:
         atomic = not ds_per_batch and B > 1
         bd = B if ds_per_batch else 1
         # summed atomically from zero; causal-masked window positions are never visited
         alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
         ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
-        sdb = 0 if atomic else H * pl.ntok * pl.kt
-        sdh = pl.ntok * pl.kt
-    else:
-        sdb, sdh = 0, pl.ntok * pl.kt
     bias_t, sbb, sbh = _bias_args(bias, q)
     rpb_t, srh = _rpb_args(rpb, q)
+    sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
     has_bias, has_rpb = bias is not None, rpb is not None
     _fwd_launch(
         pl.fwd_grid,
@@ -1235,12 +1184,10 @@ def backward(
         ),
         (
             *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-            *_strides_of(dq, n), sbb, sbh, srh, sdb, sdh, *pl.geo, *pl.fwd_sizes,
+            *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
             pl.scale2, pl.dk, pl.dv, *pl.flags,
         ),
-        *_flag_meta(
-            pl, (has_bias, has_rpb, dlse is not None, True, need_ds and not table, atomic, table)
-        ),
+        *_flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
     )  # fmt: skip
     _kv_launch(
         pl.kv_grid,
@@ -1252,8 +1199,4 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb)),
     )  # fmt: skip
-    if table:
-        k1, k2 = p.kernel_size[-2:]
-        tabs = ds.view(B, -1, H, *pl.tb).sum((0, 1))[:, : 2 * k1 - 1, : 2 * k2 - 1]
-        return dq, dkt, dvt, None, tabs.reshape(H, -1)
     return dq, dkt, dvt, ds, None

@@ -196,18 +196,6 @@ _WINDOW_CASES = [
 ]  # fmt: skip
 
 
-# rpb without attn_bias on 2-D maps: the dq pass bins rpb's gradient per program (no [N, K]
-# buffer, no atomics); borders, dilation, stride, causal, zero borders, non-square kernels
-# and a 9x9 kernel (32-wide padded table).
-_TABLE_CASES = [
-    dict(spatial=[16, 16], kernel_size=[7, 7], batch=2),
-    dict(spatial=[12, 20], kernel_size=[5, 7], dilation=[2, 1], stride=[1, 2], head_dim=32),
-    dict(spatial=[16, 11], kernel_size=[5, 3], is_causal=[True, False], heads=3),
-    dict(spatial=[16, 12], kernel_size=[7, 5], border="zero", qkv_view=True, scale=0.2),
-    dict(spatial=[20, 18], kernel_size=[9, 9], dilation=[2, 1], head_dim_v=24),
-]
-
-
 def _fixed_cfg(over: dict, **defaults) -> dict:
     """A full config for :func:`check_config`: unit stride/dilation, no causal axis, clamped
     borders, no biases, unless ``defaults`` or ``over`` say otherwise."""
@@ -258,16 +246,13 @@ def test_general_launch_options():
         consts, opts, _ = na_triton._flag_meta(na_triton._plan(q, q.shape[-1], p), flags)
         return consts, opts
 
-    fwd = (False, False, False, False, False, False, False)
+    fwd = (False, False, False, False, False, False)
     c, o = launch(q, fwd)
     assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8)
     c, o = launch(q, (False, True) + fwd[2:])  # rpb: 4 warps, 2x16 key blocks
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
-    assert launch(q, (True, False, False, True, True, False, False))[1]["num_warps"] == 4  # dq
-    # dq pass binning rpb's gradient per program: 4 warps, 2x16 key blocks
-    c, o = launch(q, (False, True, False, True, False, False, True))
-    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
+    assert launch(q, (True, False, False, True, True, False))[1]["num_warps"] == 4  # dq pass
     assert launch(q, (True, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
@@ -315,21 +300,6 @@ def test_window_kernel_interpreter(case):
     assert result["error"] is None, result["error"]
 
 
-@pytest.mark.parametrize("case", range(len(_TABLE_CASES)))
-def test_rpb_table_gradient_interpreter(case):
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("VISIONATTN_NA_IMPL", None)
-    proc = subprocess.run(
-        [sys.executable, str(_FILE), "table", str(case)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["table_plan"], "the case must bin rpb's gradient in the dq pass"
-    assert result["error"] is None, result["error"]
-
-
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_triton_gpu_sweep():
@@ -369,8 +339,6 @@ def test_triton_gpu_sweep():
     [
         ("dinat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[8, 8], head_dim=32)),
         ("nat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[1, 1], head_dim=32)),
-        ("nat_s1_rpb", dict(spatial=[56, 56], kernel_size=[7, 7], head_dim=32, rpb=True)),
-        ("nat_s3_rpb", dict(spatial=[14, 14], kernel_size=[7, 7], head_dim=32, rpb=True)),
         ("k13_d64", dict(spatial=[48, 40], kernel_size=[13, 13], dilation=[1, 2], head_dim=64)),
         (
             "maxvit_grid",
@@ -441,25 +409,10 @@ def _window_worker(case: int) -> dict:
     return dict(window_plan=chosen, error=check_config(cfg, torch.float32, "cpu", 11 + case))
 
 
-def _table_worker(case: int) -> dict:
-    from visionattn.kernels import na_triton
-    from visionattn.kernels._common import NAParams
-
-    cfg = _fixed_cfg(_TABLE_CASES[case], rpb=True)
-    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
-                 tuple(cfg["is_causal"]), cfg["border"] == "zero", 1.0)  # fmt: skip
-    shape = (cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
-    q = torch.empty(shape)
-    chosen = na_triton._win_plan(q, cfg["head_dim_v"], p) is None
-    chosen = chosen and na_triton._plan(q, cfg["head_dim_v"], p).table_drpb
-    return dict(table_plan=chosen, error=check_config(cfg, torch.float32, "cpu", 31 + case))
-
-
 if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_INTERPRET=1 is set
     torch.set_num_threads(1)
-    if sys.argv[1] in ("window", "table"):
-        worker = _window_worker if sys.argv[1] == "window" else _table_worker
-        print(json.dumps(worker(int(sys.argv[2]))))
+    if sys.argv[1] == "window":
+        print(json.dumps(_window_worker(int(sys.argv[2]))))
         sys.exit(0)
     chunk, count = int(sys.argv[1]), int(sys.argv[2])
     if sys.argv[3:] == ["cuda"]:
