@@ -352,11 +352,13 @@ def _na_bwd_kv_kernel(
     NT0, NT1, NT2,
     scale2, dk_real, dv_real,
     C0, C1, C2, ZERO,
-    HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, RPB_BLOCKS: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     QB0: tl.constexpr, QB1: tl.constexpr, QB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    """dK and dV of one key tile. ``RPB_BLOCKS``: ``RPB`` holds the rpb values already laid
+    out per (query block, key, query) (:func:`_rpb_kv_blocks`), read as contiguous blocks."""
     BLOCK_N: tl.constexpr = KT0 * KT1 * KT2
     BLOCK_M: tl.constexpr = QB0 * QB1 * QB2
     pid = tl.program_id(0)
@@ -405,18 +407,28 @@ def _na_bwd_kv_kernel(
     dv_acc = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
 
     # Queries that can see this key tile lie within kernel - 1 of it on every axis.
-    lo0 = tl.maximum(t0 * KT0 - K0 + 1, 0)
-    lo1 = tl.maximum(t1 * KT1 - K1 + 1, 0)
-    lo2 = tl.maximum(t2 * KT2 - K2 + 1, 0)
+    lo0 = t0 * KT0 - K0 + 1
+    lo1 = t1 * KT1 - K1 + 1
+    lo2 = t2 * KT2 - K2 + 1
+    if not RPB_BLOCKS:
+        lo0 = tl.maximum(lo0, 0)
+        lo1 = tl.maximum(lo1, 0)
+        lo2 = tl.maximum(lo2, 0)
+    # else query blocks keep the same offsets from every key tile, so the rpb values of
+    # (query block n, key, query) are one precomputed block per n; rows above the map masked
     hi0 = tl.minimum(t0 * KT0 + KT0 + K0 - 1, lg0)
     hi1 = tl.minimum(t1 * KT1 + KT1 + K1 - 1, lg1)
     hi2 = tl.minimum(t2 * KT2 + KT2 + K2 - 1, lg2)
     KT = K0 * K1 * K2
     if HAS_RPB:
         rpb_h = RPB + h * srh
-        T1 = 2 * K1 - 1
-        T2 = 2 * K2 - 1
-        rk = ((kp0 + K0 - 1) * T1 + (kp1 + K1 - 1)) * T2 + (kp2 + K2 - 1)
+        if RPB_BLOCKS:
+            NB1 = (KT1 + 2 * K1 - 2 + QB1 - 1) // QB1
+            NB2 = (KT2 + 2 * K2 - 2 + QB2 - 1) // QB2
+        else:
+            T1 = 2 * K1 - 1
+            T2 = 2 * K2 - 1
+            rk = ((kp0 + K0 - 1) * T1 + (kp1 + K1 - 1)) * T2 + (kp2 + K2 - 1)
 
     r = tl.arange(0, BLOCK_M)
     r0, r1, r2 = _decode3(r, QB1, QB2)
@@ -432,6 +444,8 @@ def _na_bwd_kv_kernel(
                 qp2 = i2 + r2
                 st2, wl2, wh2 = _window(qp2, lg2, K2, S2, C2, ZERO)
                 q_ok = (qp0 < hi0) & (qp1 < hi1) & (qp2 < hi2)
+                if RPB_BLOCKS:
+                    q_ok = q_ok & (qp0 >= 0) & (qp1 >= 0) & (qp2 >= 0)
                 mask = m01 & (kp2[:, None] >= wl2[None, :]) & (kp2[:, None] <= wh2[None, :])
                 mask = mask & q_ok[None, :]
                 qi0 = qp0 * D0 + g0
@@ -465,8 +479,14 @@ def _na_bwd_kv_kernel(
                     bv = tl.load(bptr, mask=mask, other=0.0)
                     st = st + bv.to(tl.float32) * 1.4426950408889634
                 if HAS_RPB:
-                    rq = (qp0 * T1 + qp1) * T2 + qp2
-                    rv = tl.load(rpb_h + (rk[:, None] - rq[None, :]), mask=mask, other=0.0)
+                    if RPB_BLOCKS:
+                        nb = (((i0 - lo0) // QB0) * NB1 + (i1 - lo1) // QB1) * NB2
+                        nb = nb + (i2 - lo2) // QB2
+                        blk = rpb_h + nb * (BLOCK_N * BLOCK_M)
+                        rv = tl.load(blk + c[:, None] * BLOCK_M + r[None, :])
+                    else:
+                        rq = (qp0 * T1 + qp1) * T2 + qp2
+                        rv = tl.load(rpb_h + (rk[:, None] - rq[None, :]), mask=mask, other=0.0)
                     st = st + rv.to(tl.float32) * 1.4426950408889634
                 pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
                 if IEEE:
@@ -859,7 +879,7 @@ _FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_D
 
 
 def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
-    """The launch meta of one flag combination (6 flags: forward/dq kernel, 2: dk/dv)."""
+    """The launch meta of one flag combination (6 flags: forward/dq kernel, 3: dk/dv)."""
     m = pl.metas.get(flags)
     if m is None:
         if len(flags) == 6:
@@ -869,7 +889,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
                 d.update(pl.rpb_kb)
         else:
             bwd, gathers = True, flags[0]
-            d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1])
+            d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
         if flags[0] and flags[1]:
             # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
@@ -890,6 +910,54 @@ def _bias_args(bias: Tensor | None, q: Tensor):
     sbb = 0 if bb == 1 else bias.stride(0)
     sbh = 0 if hb == 1 else bias.stride(1)
     return bias, sbb, sbh
+
+
+# The dk/dv kernel's rpb values as contiguous blocks instead of a per-element gather of the
+# table: [h, 2k-1, ...] -> [h, query blocks, keys of a tile, queries of a block]. Per head
+# this is at most _RPB_BLOCKS_MAX elements (9 x 64 x 64 for a 7x7 kernel with 8x8 tiles).
+_RPB_BLOCKS_MAX = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _rpb_kv_index(K: tuple, KT: tuple, QB: tuple, device: torch.device) -> Tensor:
+    """Flat table index of every (query block, key, query) of the dk/dv kernel with
+    ``RPB_BLOCKS``: ``[NB0 * NB1 * NB2, prod(KT), prod(QB)]``.
+
+    Per axis, key ``c`` of a tile at ``o`` and query ``r`` of block ``n`` (at
+    ``o - (K - 1) + n * QB``) have table index ``K - 1 + key - query = c - n * QB - r +
+    2 (K - 1)``. Pairs outside ``[0, 2K - 2]`` are never in one window (clamped; the kernel
+    masks them).
+    """
+    axes, nbs = [], []
+    for a in range(3):
+        nb = -(-(KT[a] + 2 * K[a] - 2) // QB[a])
+        n = torch.arange(nb).view(nb, 1, 1)
+        c = torch.arange(KT[a]).view(1, KT[a], 1)
+        r = torch.arange(QB[a]).view(1, 1, QB[a])
+        axes.append((c - n * QB[a] - r + 2 * (K[a] - 1)).clamp(0, 2 * K[a] - 2))
+        nbs.append(nb)
+    t1, t2 = 2 * K[1] - 1, 2 * K[2] - 1
+    a0 = axes[0].view(nbs[0], 1, 1, KT[0], 1, 1, QB[0], 1, 1)
+    a1 = axes[1].view(1, nbs[1], 1, 1, KT[1], 1, 1, QB[1], 1)
+    a2 = axes[2].view(1, 1, nbs[2], 1, 1, KT[2], 1, 1, QB[2])
+    idx = (a0 * t1 + a1) * t2 + a2
+    return idx.reshape(math.prod(nbs), math.prod(KT), math.prod(QB)).to(device)
+
+
+def _rpb_kv_blocks(rpb: Tensor, pl: _Plan) -> tuple[Tensor, int] | None:
+    """(blocks ``[h, NB, keys, queries]``, head stride) for the dk/dv kernel, or None when
+    they would exceed ``_RPB_BLOCKS_MAX`` per head (the kernel then gathers from the table)."""
+    if _TUNE.get("no_rpb_blocks"):
+        return None
+    c = pl.kv_consts
+    K = pl.geo[4:7]
+    idx = _rpb_kv_index(
+        K, (c["KT0"], c["KT1"], c["KT2"]), (c["QB0"], c["QB1"], c["QB2"]), rpb.device
+    )
+    if idx.numel() > _RPB_BLOCKS_MAX:
+        return None
+    blocks = rpb.reshape(rpb.shape[0], -1)[:, idx]
+    return blocks, blocks.stride(0)
 
 
 def _rpb_args(rpb: Tensor | None, q: Tensor):
@@ -1189,14 +1257,16 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
     )  # fmt: skip
+    kv_blocks = _rpb_kv_blocks(rpb, pl) if has_rpb else None
+    kv_rpb, kv_srh = kv_blocks if kv_blocks is not None else (rpb_t, srh)
     _kv_launch(
         pl.kv_grid,
-        (q, k, v, lse, bias_t, rpb_t, dout, delta, dkt, dvt),
+        (q, k, v, lse, bias_t, kv_rpb, dout, delta, dkt, dvt),
         (
             *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-            *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, srh, *pl.geo, *pl.kv_sizes,
+            *_strides_of(dkt, n), *_strides_of(dvt, n), sbb, sbh, kv_srh, *pl.geo, *pl.kv_sizes,
             pl.scale2, pl.dk, pl.dv, *pl.flags,
         ),
-        *_flag_meta(pl, (has_bias, has_rpb)),
+        *_flag_meta(pl, (has_bias, has_rpb, kv_blocks is not None)),
     )  # fmt: skip
     return dq, dkt, dvt, ds, None

@@ -196,6 +196,21 @@ _WINDOW_CASES = [
 ]  # fmt: skip
 
 
+# rpb on the general kernels: the dk/dv kernel reads the rpb values as precomputed contiguous
+# blocks (query blocks at fixed offsets from each key tile, rows off the map masked); map
+# borders, dilation, stride, causal, zero borders, non-square kernels, 1-D, 3-D, and a kernel
+# wider than the query block.
+_RPB_CASES = [
+    dict(spatial=[16, 16], kernel_size=[7, 7], batch=2),
+    dict(spatial=[12, 20], kernel_size=[5, 7], dilation=[2, 1], stride=[1, 2], head_dim=32),
+    dict(spatial=[16, 11], kernel_size=[5, 3], is_causal=[True, False], heads=3),
+    dict(spatial=[16, 12], kernel_size=[7, 5], border="zero", qkv_view=True, scale=0.2),
+    dict(spatial=[20, 18], kernel_size=[9, 9], dilation=[2, 1], head_dim_v=24),
+    dict(spatial=[90], kernel_size=[13], dilation=[2], batch=2),
+    dict(spatial=[6, 8, 9], kernel_size=[3, 5, 3], is_causal=[False, False, True]),
+]
+
+
 def _fixed_cfg(over: dict, **defaults) -> dict:
     """A full config for :func:`check_config`: unit stride/dilation, no causal axis, clamped
     borders, no biases, unless ``defaults`` or ``over`` say otherwise."""
@@ -253,12 +268,12 @@ def test_general_launch_options():
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
     assert launch(q, (True, False, False, True, True, False))[1]["num_warps"] == 4  # dq pass
-    assert launch(q, (True, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
-    assert launch(q, (False, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
+    assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
+    assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
     wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
     assert launch(wide, fwd)[1].get("num_warps") is None
-    assert launch(wide, (False, False))[1]["num_stages"] == 1
+    assert launch(wide, (False, False, False))[1]["num_stages"] == 1
 
 
 def test_window_out_of_resources_uses_general_kernels(monkeypatch):
@@ -297,6 +312,21 @@ def test_window_kernel_interpreter(case):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["window_plan"], "the case must take the whole-window kernel"
+    assert result["error"] is None, result["error"]
+
+
+@pytest.mark.parametrize("case", range(len(_RPB_CASES)))
+def test_rpb_blocks_interpreter(case):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("VISIONATTN_NA_IMPL", None)
+    proc = subprocess.run(
+        [sys.executable, str(_FILE), "rpb", str(case)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["blocks"], "the dk/dv kernel must read precomputed rpb blocks"
     assert result["error"] is None, result["error"]
 
 
@@ -339,6 +369,9 @@ def test_triton_gpu_sweep():
     [
         ("dinat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[8, 8], head_dim=32)),
         ("nat_s1", dict(spatial=[56, 56], kernel_size=[7, 7], dilation=[1, 1], head_dim=32)),
+        ("nat_s1_rpb", dict(spatial=[56, 56], kernel_size=[7, 7], head_dim=32, rpb=True)),
+        ("nat_s3_rpb", dict(spatial=[14, 14], kernel_size=[7, 7], head_dim=32, rpb=True)),
+        ("k13_rpb", dict(spatial=[40, 36], kernel_size=[13, 11], head_dim=64, rpb=True)),
         ("k13_d64", dict(spatial=[48, 40], kernel_size=[13, 13], dilation=[1, 2], head_dim=64)),
         (
             "maxvit_grid",
@@ -409,10 +442,27 @@ def _window_worker(case: int) -> dict:
     return dict(window_plan=chosen, error=check_config(cfg, torch.float32, "cpu", 11 + case))
 
 
+def _rpb_worker(case: int) -> dict:
+    from visionattn.kernels import na_triton
+    from visionattn.kernels._common import NAParams
+
+    cfg = _fixed_cfg(_RPB_CASES[case], rpb=True)
+    n = len(cfg["spatial"])
+    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
+                 tuple(cfg["is_causal"]), cfg["border"] == "zero", 1.0)  # fmt: skip
+    q = torch.empty(cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
+    rpb = torch.zeros(cfg["heads"], *(2 * k - 1 for k in cfg["kernel_size"]))
+    blocks = na_triton._win_plan(q, cfg["head_dim_v"], p) is None
+    pl = na_triton._plan(q, cfg["head_dim_v"], p)
+    blocks = blocks and na_triton._rpb_kv_blocks(rpb, pl) is not None and n == pl.n
+    return dict(blocks=blocks, error=check_config(cfg, torch.float32, "cpu", 31 + case))
+
+
 if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_INTERPRET=1 is set
     torch.set_num_threads(1)
-    if sys.argv[1] == "window":
-        print(json.dumps(_window_worker(int(sys.argv[2]))))
+    if sys.argv[1] in ("window", "rpb"):
+        worker = _window_worker if sys.argv[1] == "window" else _rpb_worker
+        print(json.dumps(worker(int(sys.argv[2]))))
         sys.exit(0)
     chunk, count = int(sys.argv[1]), int(sys.argv[2])
     if sys.argv[3:] == ["cuda"]:
