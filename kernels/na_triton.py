@@ -130,9 +130,9 @@ _SIZES = ["H", "L0", "L1", "L2", "K0", "K1", "K2", "S0", "S1", "S2", "D0", "D1",
 
 
 # ----------------------------------------------------------------------------- forward / dq
-@triton.jit(do_not_specialize=_SIZES + ["QSTEP0", "QSTEP1", "QSTEP2"])
+@triton.jit(do_not_specialize=_SIZES + ["QSTEP0", "QSTEP1", "QSTEP2", "OB1", "OB2", "NM1", "NM2"])
 def _na_fwd_kernel(
-    Q, Kp, V, Out, LSE, BIAS, RPB, DO, DLSE, DELTA, DQ, DBIAS,
+    Q, Kp, V, Out, LSE, BIAS, RPB, DO, DLSE, DELTA, DQ, DBIAS, RPBO,
     sqb, sq0, sq1, sq2, sqh, sqd,
     skb, sk0, sk1, sk2, skh, skd,
     svb, sv0, sv1, sv2, svh, svd,
@@ -142,9 +142,10 @@ def _na_fwd_kernel(
     H, L0, L1, L2, K0, K1, K2, S0, S1, S2, D0, D1, D2,
     NT0, NT1, NT2, QSTEP0, QSTEP1, QSTEP2,
     scale2, dk_real, dv_real,
-    C0, C1, C2, ZERO,
+    C0, C1, C2, ZERO, OB1, OB2, NM1, NM2,
     HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
     BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr, ATOMIC_DBIAS: tl.constexpr,
+    RPB_BLOCKS: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
@@ -156,7 +157,9 @@ def _na_fwd_kernel(
     relative-position table, read in place through the relative index. DBIAS receives the
     logit gradient dS in ``[B|1, h, N, K]`` layout: stored per batch element, or atomically
     summed over the batch into one slice (``ATOMIC_DBIAS``, batch stride 0) when only its
-    batch sum is needed (rpb, batch-broadcast attn_bias).
+    batch sum is needed (rpb, batch-broadcast attn_bias). ``RPB_BLOCKS``: ``RPB`` holds the
+    rpb values laid out per (key-block set, key block, query, key) (:func:`_rpb_fwd_blocks`);
+    ``RPBO`` gives each tile's key-block set (per axis, by the offset of its key box).
     """
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = KB0 * KB1 * KB2
@@ -221,10 +224,16 @@ def _na_fwd_kernel(
         bias_row = BIAS + qflat * KT
     if HAS_RPB:
         rpb_h = RPB + h * srh
-        T1 = 2 * K1 - 1
-        T2 = 2 * K2 - 1
-        # relative index (k' - q' + K - 1) per axis, row-major over the (2K-1) table
-        rq = ((K0 - 1 - qp0) * T1 + (K1 - 1 - qp1)) * T2 + (K2 - 1 - qp2)
+        if RPB_BLOCKS:
+            # this tile's block set: one entry per axis for (dilation group, tile)
+            rpb_h += tl.load(RPBO + g0 * NT0 + t0)
+            rpb_h += tl.load(RPBO + OB1 + g1 * NT1 + t1)
+            rpb_h += tl.load(RPBO + OB2 + g2 * NT2 + t2)
+        else:
+            T1 = 2 * K1 - 1
+            T2 = 2 * K2 - 1
+            # relative index (k' - q' + K - 1) per axis, row-major over the (2K-1) table
+            rq = ((K0 - 1 - qp0) * T1 + (K1 - 1 - qp1)) * T2 + (K2 - 1 - qp2)
     o_row = qi0 * so0 + qi1 * so1 + qi2 * so2
     lse_off = qflat * H
 
@@ -276,8 +285,14 @@ def _na_fwd_kernel(
                     bv = tl.load(bias_row[:, None] + tt, mask=mask, other=0.0)
                     s = s + bv.to(tl.float32) * 1.4426950408889634
                 if HAS_RPB:
-                    rk = (kp0 * T1 + kp1) * T2 + kp2
-                    rv = tl.load(rpb_h + (rq[:, None] + rk[None, :]), mask=mask, other=0.0)
+                    if RPB_BLOCKS:
+                        mb = ((j0 - lo0) // KB0 * NM1 + (j1 - lo1) // KB1) * NM2
+                        mb = mb + (j2 - lo2) // KB2
+                        blk = rpb_h + mb * (BLOCK_M * BLOCK_N)
+                        rv = tl.load(blk + r[:, None] * BLOCK_N + c[None, :])
+                    else:
+                        rk = (kp0 * T1 + kp1) * T2 + kp2
+                        rv = tl.load(rpb_h + (rq[:, None] + rk[None, :]), mask=mask, other=0.0)
                     s = s + rv.to(tl.float32) * 1.4426950408889634
                 s = tl.where(mask, s, float("-inf"))
                 v_off = ki0 * sv0 + ki1 * sv1 + ki2 * sv2
@@ -875,14 +890,14 @@ def _meta(consts: dict) -> tuple:
 
 _fwd_launch = DirectLauncher(_na_fwd_kernel, "VISIONATTN_NA_FAST_LAUNCH")
 _kv_launch = DirectLauncher(_na_bwd_kv_kernel, "VISIONATTN_NA_FAST_LAUNCH")
-_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS")
+_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS", "RPB_BLOCKS")
 
 
 def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
-    """The launch meta of one flag combination (6 flags: forward/dq kernel, 3: dk/dv)."""
+    """The launch meta of one flag combination (7 flags: forward/dq kernel, 3: dk/dv)."""
     m = pl.metas.get(flags)
     if m is None:
-        if len(flags) == 6:
+        if len(flags) == 7:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
@@ -911,6 +926,10 @@ def _bias_args(bias: Tensor | None, q: Tensor):
     sbh = 0 if hb == 1 else bias.stride(1)
     return bias, sbb, sbh
 
+
+# Largest per-batch-element dS buffer (bytes) the dq pass writes instead of summing over the
+# batch with atomics (transient: freed once summed).
+_DS_STORE_MAX = 1 << 30
 
 # The dk/dv kernel's rpb values as contiguous blocks instead of a per-element gather of the
 # table: [h, 2k-1, ...] -> [h, query blocks, keys of a tile, queries of a block]. Per head
@@ -958,6 +977,101 @@ def _rpb_kv_blocks(rpb: Tensor, pl: _Plan) -> tuple[Tensor, int] | None:
         return None
     blocks = rpb.reshape(rpb.shape[0], -1)[:, idx]
     return blocks, blocks.stride(0)
+
+
+def _py_window(ip: int, lg: int, K: int, S: int, causal: int, zero: int) -> tuple[int, int]:
+    """(lo, hi) of the kernels' ``_window`` for one query (group coordinates)."""
+    base = (ip // S) * S
+    lead = base + S - 1 if causal else base + S // 2
+    if not zero:
+        lead = min(lead, lg - 1)
+    start = lead - K + 1 if causal else lead - K // 2
+    if not zero and not causal:
+        start = min(max(start, 0), lg - K)
+    lo = start if zero else max(start, 0)
+    hi = start + K - 1
+    if causal:
+        hi = min(hi, ip)
+    if not zero:
+        hi = min(hi, lg - 1)
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=256)
+def _rpb_fwd_index(geo: tuple, flags: tuple, sizes: tuple, tq: tuple, kb: tuple, device):
+    """Table index of the forward/dq kernel's rpb blocks and each tile's block-set offset.
+
+    A tile's key box starts at ``lo`` (its first query's window); the rpb value of query row
+    ``r`` and key ``c`` of key block ``m`` is, per axis, at ``off + m * KB + c - r + K - 1``
+    with ``off = lo - tile start``, which takes few values (interior tiles share one; map
+    borders, dilation groups and strides add a few). Blocks are laid out
+    ``[NU0, NU1, NU2, NM0, NM1, NM2, rows, keys]`` (``NU``: distinct offsets, ``NM``: most key
+    blocks of a tile, per axis). Returns ``(index, tile table, (OB1, OB2, NM1, NM2))`` or None
+    when the blocks would exceed ``_RPB_BLOCKS_MAX`` per head. The tile table holds, per axis
+    and (group, tile), the element offset of that axis' block set (axes at 0, OB1, OB2).
+    """
+    L, K, S, D = geo[1:4], geo[4:7], geo[7:10], geo[10:13]
+    nt, qstep = sizes[:3], sizes[3:]
+    causal, zero = flags[:3], flags[3]
+    uidx, offs, nms = [], [], []
+    for a in range(3):
+        found: dict = {}
+        per_tile, nm = [], 1
+        for g in range(D[a]):
+            lg = -(-(L[a] - g) // D[a])
+            for t in range(nt[a]):
+                first = t * qstep[a]
+                lo = _py_window(first, lg, K[a], S[a], causal[a], zero)[0]
+                last = min(first + qstep[a], lg) - 1
+                hi = _py_window(last, lg, K[a], S[a], causal[a], zero)[1] + 1
+                nm = max(nm, -(-(hi - lo) // kb[a]))
+                per_tile.append(found.setdefault(lo - first, len(found)))
+        uidx.append(per_tile)
+        offs.append(list(found))
+        nms.append(nm)
+    nu = [len(o) for o in offs]
+    rows, keys = math.prod(tq), math.prod(kb)
+    if math.prod(nu) * math.prod(nms) * rows * keys > _RPB_BLOCKS_MAX:
+        return None
+    per_axis = []
+    for a in range(3):
+        off = torch.tensor(offs[a]).view(-1, 1, 1, 1)
+        m = torch.arange(nms[a]).view(1, -1, 1, 1)
+        r = torch.arange(tq[a]).view(1, 1, -1, 1)
+        c = torch.arange(kb[a]).view(1, 1, 1, -1)
+        per_axis.append((off + m * kb[a] + c - r + K[a] - 1).clamp(0, 2 * K[a] - 2))
+    t1, t2 = 2 * K[1] - 1, 2 * K[2] - 1
+    # [u0, u1, u2, m0, m1, m2, r0, r1, r2, c0, c1, c2]
+    i0 = per_axis[0].view(nu[0], 1, 1, nms[0], 1, 1, tq[0], 1, 1, kb[0], 1, 1)
+    i1 = per_axis[1].view(1, nu[1], 1, 1, nms[1], 1, 1, tq[1], 1, 1, kb[1], 1)
+    i2 = per_axis[2].view(1, 1, nu[2], 1, 1, nms[2], 1, 1, tq[2], 1, 1, kb[2])
+    idx = ((i0 * t1 + i1) * t2 + i2).reshape(-1)
+    set_size = math.prod(nms) * rows * keys
+    ustride = (nu[1] * nu[2] * set_size, nu[2] * set_size, set_size)
+    table = [u * ustride[a] for a in range(3) for u in uidx[a]]
+    ob1, ob2 = len(uidx[0]), len(uidx[0]) + len(uidx[1])
+    tiles = torch.tensor(table, dtype=torch.int32)
+    return idx.to(device), tiles.to(device), (ob1, ob2, nms[1], nms[2])
+
+
+def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan):
+    """(rpb tensor, head stride, tile table, (OB1, OB2, NM1, NM2)) of the forward/dq kernel:
+    precomputed rpb blocks where they fit (the tile table is then not ``q``), else the table
+    itself (gathered per element in the kernel)."""
+    if rpb is None:
+        return q, 0, q, (0, 0, 1, 1)
+    c = pl.fwd_consts
+    tq = (c["TQ0"], c["TQ1"], c["TQ2"])
+    kb = (pl.rpb_kb["KB0"], pl.rpb_kb["KB1"], pl.rpb_kb["KB2"])
+    got = None
+    if not _TUNE.get("no_rpb_blocks"):
+        got = _rpb_fwd_index(pl.geo, pl.flags, pl.fwd_sizes, tq, kb, rpb.device)
+    if got is None:
+        rpb_t, srh = _rpb_args(rpb, q)
+        return rpb_t, srh, q, (0, 0, 1, 1)
+    idx, tiles, args = got
+    blocks = rpb.reshape(rpb.shape[0], -1)[:, idx]
+    return blocks, blocks.stride(0), tiles, args
 
 
 def _rpb_args(rpb: Tensor | None, q: Tensor):
@@ -1170,16 +1284,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
     out = q.new_empty(*q.shape[:-1], pl.dv)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    rpb_t, srh = _rpb_args(rpb, q)
+    rpb_t, srh, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl)
     _fwd_launch(
         pl.fwd_grid,
-        (q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q),
+        (q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q, rpbo),
         (
             *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
             *_strides_of(q, n), sbb, sbh, srh, 0, 0, *pl.geo, *pl.fwd_sizes, pl.scale2, pl.dk,
-            pl.dv, *pl.flags,
+            pl.dv, *pl.flags, *rpbo_args,
         ),
-        *_flag_meta(pl, (bias is not None, rpb is not None, False, False, False, False)),
+        *_flag_meta(
+            pl, (bias is not None, rpb is not None, False, False, False, False, rpbo is not q)
+        ),
     )  # fmt: skip
     return out, lse
 
@@ -1233,32 +1349,39 @@ def backward(
     dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
     dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
     ds = None
-    atomic = False
+    atomic = summed = False
     if need_ds:
-        atomic = not ds_per_batch and B > 1
-        bd = B if ds_per_batch else 1
+        # dS that only its batch sum is wanted of (rpb, batch-broadcast attn_bias): stored per
+        # batch element and summed afterwards while that buffer stays small, else summed with
+        # atomics in the kernel (NAT-mini stage 1, B128: dq pass 0.84 -> see NOTES session 7)
+        summed = not ds_per_batch and B > 1 and not _TUNE.get("ds_atomic")
+        summed = summed and B * H * pl.ntok * pl.kt * 4 <= _DS_STORE_MAX
+        atomic = not ds_per_batch and not summed and B > 1
+        bd = B if (ds_per_batch or summed) else 1
         # summed atomically from zero; causal-masked window positions are never visited
         alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
         ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    rpb_t, srh = _rpb_args(rpb, q)
+    rpb_f, srh_f, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl)
     sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
     has_bias, has_rpb = bias is not None, rpb is not None
     _fwd_launch(
         pl.fwd_grid,
         (
-            q, k, v, out, lse, bias_t, rpb_t, dout, dlse if dlse is not None else lse, delta, dq,
-            ds if need_ds else q,
+            q, k, v, out, lse, bias_t, rpb_f, dout, dlse if dlse is not None else lse, delta, dq,
+            ds if need_ds else q, rpbo,
         ),
         (
             *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-            *_strides_of(dq, n), sbb, sbh, srh, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
-            pl.scale2, pl.dk, pl.dv, *pl.flags,
+            *_strides_of(dq, n), sbb, sbh, srh_f, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
+            pl.scale2, pl.dk, pl.dv, *pl.flags, *rpbo_args,
         ),
-        *_flag_meta(pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic)),
+        *_flag_meta(
+            pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic, rpbo is not q)
+        ),
     )  # fmt: skip
     kv_blocks = _rpb_kv_blocks(rpb, pl) if has_rpb else None
-    kv_rpb, kv_srh = kv_blocks if kv_blocks is not None else (rpb_t, srh)
+    kv_rpb, kv_srh = kv_blocks if kv_blocks is not None else _rpb_args(rpb, q)
     _kv_launch(
         pl.kv_grid,
         (q, k, v, lse, bias_t, kv_rpb, dout, delta, dkt, dvt),
@@ -1269,4 +1392,6 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb, kv_blocks is not None)),
     )  # fmt: skip
+    if summed:
+        ds = ds.sum(0, keepdim=True)
     return dq, dkt, dvt, ds, None

@@ -196,8 +196,9 @@ _WINDOW_CASES = [
 ]  # fmt: skip
 
 
-# rpb on the general kernels: the dk/dv kernel reads the rpb values as precomputed contiguous
-# blocks (query blocks at fixed offsets from each key tile, rows off the map masked); map
+# rpb on the general kernels: every kernel reads the rpb values as precomputed contiguous
+# blocks (forward/dq: one block set per key-box offset of a tile; dk/dv: query blocks at fixed
+# offsets from each key tile, rows off the map masked); map
 # borders, dilation, stride, causal, zero borders, non-square kernels, 1-D, 3-D, and a kernel
 # wider than the query block.
 _RPB_CASES = [
@@ -208,6 +209,17 @@ _RPB_CASES = [
     dict(spatial=[20, 18], kernel_size=[9, 9], dilation=[2, 1], head_dim_v=24),
     dict(spatial=[90], kernel_size=[13], dilation=[2], batch=2),
     dict(spatial=[6, 8, 9], kernel_size=[3, 5, 3], is_causal=[False, False, True]),
+    # batch sums of dS through the dq kernel's atomics (the path for buffers over
+    # _DS_STORE_MAX) instead of per-batch stores, with rpb and a batch-broadcast attn_bias
+    dict(spatial=[12, 13], kernel_size=[5, 5], batch=3, tune={"ds_atomic": True}),
+    dict(
+        spatial=[11, 9],
+        kernel_size=[3, 5],
+        batch=3,
+        attn_bias="b1",
+        is_causal=[True, False],
+        tune={"ds_atomic": True},
+    ),
 ]
 
 
@@ -261,13 +273,15 @@ def test_general_launch_options():
         consts, opts, _ = na_triton._flag_meta(na_triton._plan(q, q.shape[-1], p), flags)
         return consts, opts
 
-    fwd = (False, False, False, False, False, False)
+    fwd = (False, False, False, False, False, False, False)
     c, o = launch(q, fwd)
     assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8)
     c, o = launch(q, (False, True) + fwd[2:])  # rpb: 4 warps, 2x16 key blocks
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
-    assert launch(q, (True, False, False, True, True, False))[1]["num_warps"] == 4  # dq pass
+    assert launch(q, (True, False, False, True, True, False, False))[1]["num_warps"] == 4  # dq
+    c, o = launch(q, (False, True, False, False, False, False, True))  # rpb blocks
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
@@ -446,7 +460,9 @@ def _rpb_worker(case: int) -> dict:
     from visionattn.kernels import na_triton
     from visionattn.kernels._common import NAParams
 
-    cfg = _fixed_cfg(_RPB_CASES[case], rpb=True)
+    over = dict(_RPB_CASES[case])
+    na_triton._TUNE.update(over.pop("tune", {}))
+    cfg = _fixed_cfg(over, rpb=True)
     n = len(cfg["spatial"])
     p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
                  tuple(cfg["is_causal"]), cfg["border"] == "zero", 1.0)  # fmt: skip
@@ -455,6 +471,7 @@ def _rpb_worker(case: int) -> dict:
     blocks = na_triton._win_plan(q, cfg["head_dim_v"], p) is None
     pl = na_triton._plan(q, cfg["head_dim_v"], p)
     blocks = blocks and na_triton._rpb_kv_blocks(rpb, pl) is not None and n == pl.n
+    blocks = blocks and na_triton._rpb_fwd_args(rpb, q, pl)[2] is not q
     return dict(blocks=blocks, error=check_config(cfg, torch.float32, "cpu", 31 + case))
 
 
