@@ -834,7 +834,8 @@ class _Plan(NamedTuple):
     ntok: int
     kt: int
     metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
-    rpb_kb: dict  # KB0..2 of the forward/dq kernel when it reads the rpb table
+    rpb_kb: dict  # KB0..2 of the forward/dq kernel when it gathers from the rpb table
+    rpb_block_kb: dict  # the same when it reads precomputed rpb blocks
 
 
 @functools.lru_cache(maxsize=1024)
@@ -850,6 +851,10 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     ieee = dtype == torch.float32
     tq, qstep, kb = _fwd_config(L, K, S, D, n)
     rkb = _fwd_config(L, K, S, D, n, rpb=True)[2]
+    # With precomputed rpb blocks nothing is gathered, so heads <= 32 keep the unbiased key
+    # blocks: 56x56 k7 d32 B128 forward 868 -> 429 us (8x8 against 2x16), 28x28 519 -> 244;
+    # 128x128 k13 d64 went the other way (735 us with 2x16, 890 with 8x8; H200, session 7).
+    bkb = kb if max(dkp, dvp) <= 32 else rkb
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
     ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
@@ -866,6 +871,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
         ),
         ntok=math.prod(L), kt=math.prod(K), metas={},
         rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]),
+        rpb_block_kb=dict(KB0=bkb[0], KB1=bkb[1], KB2=bkb[2]),
     )  # fmt: skip
 
 
@@ -901,7 +907,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
-                d.update(pl.rpb_kb)
+                d.update(pl.rpb_block_kb if flags[6] else pl.rpb_kb)
         else:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
@@ -926,10 +932,6 @@ def _bias_args(bias: Tensor | None, q: Tensor):
     sbh = 0 if hb == 1 else bias.stride(1)
     return bias, sbb, sbh
 
-
-# Largest per-batch-element dS buffer (bytes) the dq pass writes instead of summing over the
-# batch with atomics (transient: freed once summed).
-_DS_STORE_MAX = 1 << 30
 
 # The dk/dv kernel's rpb values as contiguous blocks instead of a per-element gather of the
 # table: [h, 2k-1, ...] -> [h, query blocks, keys of a tile, queries of a block]. Per head
@@ -1062,7 +1064,7 @@ def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan):
         return q, 0, q, (0, 0, 1, 1)
     c = pl.fwd_consts
     tq = (c["TQ0"], c["TQ1"], c["TQ2"])
-    kb = (pl.rpb_kb["KB0"], pl.rpb_kb["KB1"], pl.rpb_kb["KB2"])
+    kb = tuple(pl.rpb_block_kb[k] for k in ("KB0", "KB1", "KB2"))
     got = None
     if not _TUNE.get("no_rpb_blocks"):
         got = _rpb_fwd_index(pl.geo, pl.flags, pl.fwd_sizes, tq, kb, rpb.device)
@@ -1349,15 +1351,10 @@ def backward(
     dkt = torch.empty_like(k, memory_format=torch.contiguous_format)
     dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
     ds = None
-    atomic = summed = False
+    atomic = False
     if need_ds:
-        # dS that only its batch sum is wanted of (rpb, batch-broadcast attn_bias): stored per
-        # batch element and summed afterwards while that buffer stays small, else summed with
-        # atomics in the kernel (NAT-mini stage 1, B128: dq pass 0.84 -> see NOTES session 7)
-        summed = not ds_per_batch and B > 1 and not _TUNE.get("ds_atomic")
-        summed = summed and B * H * pl.ntok * pl.kt * 4 <= _DS_STORE_MAX
-        atomic = not ds_per_batch and not summed and B > 1
-        bd = B if (ds_per_batch or summed) else 1
+        atomic = not ds_per_batch and B > 1
+        bd = B if ds_per_batch else 1
         # summed atomically from zero; causal-masked window positions are never visited
         alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
         ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
@@ -1392,6 +1389,4 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb, kv_blocks is not None)),
     )  # fmt: skip
-    if summed:
-        ds = ds.sum(0, keepdim=True)
     return dq, dkt, dvt, ds, None

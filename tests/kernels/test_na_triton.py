@@ -206,20 +206,11 @@ _RPB_CASES = [
     dict(spatial=[12, 20], kernel_size=[5, 7], dilation=[2, 1], stride=[1, 2], head_dim=32),
     dict(spatial=[16, 11], kernel_size=[5, 3], is_causal=[True, False], heads=3),
     dict(spatial=[16, 12], kernel_size=[7, 5], border="zero", qkv_view=True, scale=0.2),
-    dict(spatial=[20, 18], kernel_size=[9, 9], dilation=[2, 1], head_dim_v=24),
+    dict(spatial=[20, 18], kernel_size=[9, 9], dilation=[2, 1], head_dim=64, head_dim_v=24),
     dict(spatial=[90], kernel_size=[13], dilation=[2], batch=2),
     dict(spatial=[6, 8, 9], kernel_size=[3, 5, 3], is_causal=[False, False, True]),
-    # batch sums of dS through the dq kernel's atomics (the path for buffers over
-    # _DS_STORE_MAX) instead of per-batch stores, with rpb and a batch-broadcast attn_bias
-    dict(spatial=[12, 13], kernel_size=[5, 5], batch=3, tune={"ds_atomic": True}),
-    dict(
-        spatial=[11, 9],
-        kernel_size=[3, 5],
-        batch=3,
-        attn_bias="b1",
-        is_causal=[True, False],
-        tune={"ds_atomic": True},
-    ),
+    # with a batch-broadcast attn_bias (dS summed over the batch by the dq kernel's atomics)
+    dict(spatial=[11, 9], kernel_size=[3, 5], batch=3, attn_bias="b1", is_causal=[True, False]),
 ]
 
 
@@ -280,12 +271,15 @@ def test_general_launch_options():
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
     assert launch(q, (True, False, False, True, True, False, False))[1]["num_warps"] == 4  # dq
-    c, o = launch(q, (False, True, False, False, False, False, True))  # rpb blocks
-    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
+    # precomputed rpb blocks: heads <= 32 keep the unbiased 8x8 key blocks, wider ones 2x16
+    c, o = launch(q, (False, True, False, False, False, False, True))
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (8, 8)
+    wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
+    c, o = launch(wide, (False, True, False, False, False, False, True))
+    assert (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
-    wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
     assert launch(wide, fwd)[1].get("num_warps") is None
     assert launch(wide, (False, False, False))[1]["num_stages"] == 1
 
