@@ -836,6 +836,7 @@ class _Plan(NamedTuple):
     metas: dict  # per kernel-flag combination: DirectLauncher meta (filled lazily)
     rpb_kb: dict  # KB0..2 of the forward/dq kernel when it gathers from the rpb table
     rpb_block_kb: dict  # the same when it reads precomputed rpb blocks
+    rpb_dq_kb: dict  # the same in the dq pass
 
 
 @functools.lru_cache(maxsize=1024)
@@ -855,6 +856,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     # blocks: 56x56 k7 d32 B128 forward 868 -> 429 us (8x8 against 2x16), 28x28 519 -> 244;
     # 128x128 k13 d64 went the other way (735 us with 2x16, 890 with 8x8; H200, session 7).
     bkb = kb if max(dkp, dvp) <= 32 else rkb
+    qkb = _TUNE.get("dq_kb", bkb)
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
     ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))
@@ -872,6 +874,7 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
         ntok=math.prod(L), kt=math.prod(K), metas={},
         rpb_kb=dict(KB0=rkb[0], KB1=rkb[1], KB2=rkb[2]),
         rpb_block_kb=dict(KB0=bkb[0], KB1=bkb[1], KB2=bkb[2]),
+        rpb_dq_kb=dict(KB0=qkb[0], KB1=qkb[1], KB2=qkb[2]),
     )  # fmt: skip
 
 
@@ -907,11 +910,17 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
-                d.update(pl.rpb_block_kb if flags[6] else pl.rpb_kb)
+                d.update(pl.rpb_kb)
+                if flags[6]:
+                    d.update(pl.rpb_dq_kb if bwd else pl.rpb_block_kb)
         else:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
+        if len(flags) == 7 and bwd:  # experiment knobs of the dq pass alone
+            for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):
+                if _TUNE.get(key):
+                    d[opt] = _TUNE[key]
         if flags[0] and flags[1]:
             # two gathered [M, N] bias loads per block (attn_bias and the rpb table): the
             # pipeliner stages both in shared memory, which overflowed H200's 227 KB with 3
@@ -977,7 +986,7 @@ def _rpb_kv_blocks(rpb: Tensor, pl: _Plan) -> tuple[Tensor, int] | None:
     )
     if idx.numel() > _RPB_BLOCKS_MAX:
         return None
-    blocks = rpb.reshape(rpb.shape[0], -1)[:, idx]
+    blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
     return blocks, blocks.stride(0)
 
 
@@ -1056,7 +1065,7 @@ def _rpb_fwd_index(geo: tuple, flags: tuple, sizes: tuple, tq: tuple, kb: tuple,
     return idx.to(device), tiles.to(device), (ob1, ob2, nms[1], nms[2])
 
 
-def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan):
+def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan, dq: bool = False):
     """(rpb tensor, head stride, tile table, (OB1, OB2, NM1, NM2)) of the forward/dq kernel:
     precomputed rpb blocks where they fit (the tile table is then not ``q``), else the table
     itself (gathered per element in the kernel)."""
@@ -1064,7 +1073,8 @@ def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan):
         return q, 0, q, (0, 0, 1, 1)
     c = pl.fwd_consts
     tq = (c["TQ0"], c["TQ1"], c["TQ2"])
-    kb = tuple(pl.rpb_block_kb[k] for k in ("KB0", "KB1", "KB2"))
+    kbs = pl.rpb_dq_kb if dq else pl.rpb_block_kb
+    kb = tuple(kbs[k] for k in ("KB0", "KB1", "KB2"))
     got = None
     if not _TUNE.get("no_rpb_blocks"):
         got = _rpb_fwd_index(pl.geo, pl.flags, pl.fwd_sizes, tq, kb, rpb.device)
@@ -1072,7 +1082,9 @@ def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan):
         rpb_t, srh = _rpb_args(rpb, q)
         return rpb_t, srh, q, (0, 0, 1, 1)
     idx, tiles, args = got
-    blocks = rpb.reshape(rpb.shape[0], -1)[:, idx]
+    # float32 blocks whatever rpb's dtype: the kernels add them in float32, and bfloat16
+    # blocks spilled (56x56 k7 d32 B64 forward 625 us against 219 with float32; H200)
+    blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
     return blocks, blocks.stride(0), tiles, args
 
 
@@ -1359,7 +1371,7 @@ def backward(
         alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
         ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    rpb_f, srh_f, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl)
+    rpb_f, srh_f, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl, dq=True)
     sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
     has_bias, has_rpb = bias is not None, rpb is not None
     _fwd_launch(
