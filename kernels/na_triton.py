@@ -762,12 +762,13 @@ def _launch_opts(bwd: bool, ieee: bool, n: int, head: int, gathers: bool) -> dic
 _RPB_KB2 = (1, 2, 16)
 
 
-def _fwd_config(L, K, S, D, n, rpb: bool = False):
-    """Query tile box, its step per axis and the key block box."""
+def _fwd_config(L, K, S, D, n, rpb: bool = False, want_kb: tuple | None = None):
+    """Query tile box, its step per axis and the key block box (``want_kb``: the key block
+    wanted instead of the defaults, fitted to the map like them)."""
     want_q = _TUNE.get("tq", _DEFAULT_TILES[n]) if n == 2 else _DEFAULT_TILES[n]
     want_k = want_q
     if n == 2:
-        want_k = _TUNE.get("kb", _RPB_KB2 if rpb else want_q)
+        want_k = want_kb or _TUNE.get("kb", _RPB_KB2 if rpb else want_q)
     tq = [_tile(_lg_max(L[a], D[a]), want_q[a]) for a in range(3)]
     # at least 16 rows for tl.dot: grow the innermost non-trivial axis
     while math.prod(tq) < 16:
@@ -856,7 +857,12 @@ def _plan_cached(shape: tuple, dv: int, dtype: torch.dtype, p: NAParams, tune: t
     # blocks: 56x56 k7 d32 B128 forward 868 -> 429 us (8x8 against 2x16), 28x28 519 -> 244;
     # 128x128 k13 d64 went the other way (735 us with 2x16, 890 with 8x8; H200, session 7).
     bkb = kb if max(dkp, dvp) <= 32 else rkb
-    qkb = _TUNE.get("dq_kb", bkb)
+    # The dq pass (dS, dq and the dS stores of rpb's gradient live at once) spilled 182
+    # registers with 8x8 key blocks; single rows of 16 keys do not: dq + dk/dv at 56x56 k7
+    # d32 B128 2358 -> 1923 us, 28x28 1365 -> 1161, 14x14 744 -> 539 (H200, session 7)
+    qkb = bkb
+    if n == 2 and max(dkp, dvp) <= 32:
+        qkb = _fwd_config(L, K, S, D, n, want_kb=_TUNE.get("dq_kb", (1, 1, 16)))[2]
     nt = tuple(-(-_lg_max(L[a], D[a]) // qstep[a]) for a in range(3))
     ktile, qb = _kv_config(L, K, D, n)
     ntk = tuple(-(-_lg_max(L[a], D[a]) // ktile[a]) for a in range(3))

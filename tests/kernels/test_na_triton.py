@@ -274,9 +274,13 @@ def test_general_launch_options():
     # precomputed rpb blocks: heads <= 32 keep the unbiased 8x8 key blocks, wider ones 2x16
     c, o = launch(q, (False, True, False, False, False, False, True))
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (8, 8)
+    # ... and the dq pass single rows of 16 keys (8x8 spilled)
+    c, o = launch(q, (False, True, False, True, True, True, True))
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (1, 16)
     wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
     c, o = launch(wide, (False, True, False, False, False, False, True))
     assert (c["KB1"], c["KB2"]) == (2, 16)
+    assert launch(wide, (False, True, False, True, True, True, True))[0]["KB2"] == 16
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
