@@ -145,7 +145,7 @@ def _na_fwd_kernel(
     C0, C1, C2, ZERO, OB1, OB2, NM1, NM2,
     HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
     BWD: tl.constexpr, WRITE_DBIAS: tl.constexpr, ATOMIC_DBIAS: tl.constexpr,
-    RPB_BLOCKS: tl.constexpr,
+    RPB_BLOCKS: tl.constexpr, DRPB_BLOCKS: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
@@ -160,6 +160,8 @@ def _na_fwd_kernel(
     batch sum is needed (rpb, batch-broadcast attn_bias). ``RPB_BLOCKS``: ``RPB`` holds the
     rpb values laid out per (key-block set, key block, query, key) (:func:`_rpb_fwd_blocks`);
     ``RPBO`` gives each tile's key-block set (per axis, by the offset of its key box).
+    ``DRPB_BLOCKS`` (dq pass): dS is summed atomically into DBIAS laid out like those blocks
+    (batch and tiles of one block set share it), which the host scatters onto the table.
     """
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = KB0 * KB1 * KB2
@@ -226,9 +228,11 @@ def _na_fwd_kernel(
         rpb_h = RPB + h * srh
         if RPB_BLOCKS:
             # this tile's block set: one entry per axis for (dilation group, tile)
-            rpb_h += tl.load(RPBO + g0 * NT0 + t0)
-            rpb_h += tl.load(RPBO + OB1 + g1 * NT1 + t1)
-            rpb_h += tl.load(RPBO + OB2 + g2 * NT2 + t2)
+            e_t = tl.load(RPBO + g0 * NT0 + t0) + tl.load(RPBO + OB1 + g1 * NT1 + t1)
+            e_t += tl.load(RPBO + OB2 + g2 * NT2 + t2)
+            rpb_h += e_t
+            if DRPB_BLOCKS:
+                drpb_h = DBIAS + e_t
         else:
             T1 = 2 * K1 - 1
             T2 = 2 * K2 - 1
@@ -308,6 +312,10 @@ def _na_fwd_kernel(
                     else:
                         dp = tl.dot(do, tl.trans(vv))
                     ds = p * (dp - delta[:, None])
+                    if DRPB_BLOCKS:
+                        # contiguous [rows, keys] block: coalesced atomics, unlike [N, K]
+                        dptr = drpb_h + mb * (BLOCK_M * BLOCK_N) + r[:, None] * BLOCK_N
+                        tl.atomic_add(dptr + c[None, :], ds, mask=mask, sem="relaxed")
                     if WRITE_DBIAS:
                         tt2 = (kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])
                         tt2 = tt2 * K2 + (kp2[None, :] - st2[:, None])
@@ -905,14 +913,17 @@ def _meta(consts: dict) -> tuple:
 
 _fwd_launch = DirectLauncher(_na_fwd_kernel, "VISIONATTN_NA_FAST_LAUNCH")
 _kv_launch = DirectLauncher(_na_bwd_kv_kernel, "VISIONATTN_NA_FAST_LAUNCH")
-_FWD_FLAGS = ("HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS", "RPB_BLOCKS")
+_FWD_FLAGS = (
+    "HAS_BIAS", "HAS_RPB", "HAS_DLSE", "BWD", "WRITE_DBIAS", "ATOMIC_DBIAS", "RPB_BLOCKS",
+    "DRPB_BLOCKS",
+)  # fmt: skip
 
 
 def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
-    """The launch meta of one flag combination (7 flags: forward/dq kernel, 3: dk/dv)."""
+    """The launch meta of one flag combination (8 flags: forward/dq kernel, 3: dk/dv)."""
     m = pl.metas.get(flags)
     if m is None:
-        if len(flags) == 7:
+        if len(flags) == 8:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
             if flags[1]:
@@ -923,7 +934,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
-        if len(flags) == 7 and bwd:  # experiment knobs of the dq pass alone
+        if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
             for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):
                 if _TUNE.get(key):
                     d[opt] = _TUNE[key]
@@ -1072,11 +1083,12 @@ def _rpb_fwd_index(geo: tuple, flags: tuple, sizes: tuple, tq: tuple, kb: tuple,
 
 
 def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan, dq: bool = False):
-    """(rpb tensor, head stride, tile table, (OB1, OB2, NM1, NM2)) of the forward/dq kernel:
-    precomputed rpb blocks where they fit (the tile table is then not ``q``), else the table
-    itself (gathered per element in the kernel)."""
+    """(rpb tensor, head stride, tile table, (OB1, OB2, NM1, NM2), block index) of the
+    forward/dq kernel: precomputed rpb blocks where they fit (the tile table is then not
+    ``q``; the block index maps block elements to the table), else the table itself
+    (gathered per element in the kernel; index None)."""
     if rpb is None:
-        return q, 0, q, (0, 0, 1, 1)
+        return q, 0, q, (0, 0, 1, 1), None
     c = pl.fwd_consts
     tq = (c["TQ0"], c["TQ1"], c["TQ2"])
     kbs = pl.rpb_dq_kb if dq else pl.rpb_block_kb
@@ -1086,12 +1098,12 @@ def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan, dq: bool = False):
         got = _rpb_fwd_index(pl.geo, pl.flags, pl.fwd_sizes, tq, kb, rpb.device)
     if got is None:
         rpb_t, srh = _rpb_args(rpb, q)
-        return rpb_t, srh, q, (0, 0, 1, 1)
+        return rpb_t, srh, q, (0, 0, 1, 1), None
     idx, tiles, args = got
     # float32 blocks whatever rpb's dtype: the kernels add them in float32, and bfloat16
     # blocks spilled (56x56 k7 d32 B64 forward 625 us against 219 with float32; H200)
     blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
-    return blocks, blocks.stride(0), tiles, args
+    return blocks, blocks.stride(0), tiles, args, idx
 
 
 def _rpb_args(rpb: Tensor | None, q: Tensor):
@@ -1304,7 +1316,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
     out = q.new_empty(*q.shape[:-1], pl.dv)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    rpb_t, srh, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl)
+    rpb_t, srh, rpbo, rpbo_args, _ = _rpb_fwd_args(rpb, q, pl)
     _fwd_launch(
         pl.fwd_grid,
         (q, k, v, out, lse, bias_t, rpb_t, q, q, q, q, q, rpbo),
@@ -1314,7 +1326,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, bias: Tensor | 
             pl.dv, *pl.flags, *rpbo_args,
         ),
         *_flag_meta(
-            pl, (bias is not None, rpb is not None, False, False, False, False, rpbo is not q)
+            pl,
+            (bias is not None, rpb is not None, False, False, False, False, rpbo is not q, False),
         ),
     )  # fmt: skip
     return out, lse
@@ -1370,29 +1383,35 @@ def backward(
     dvt = torch.empty_like(v, memory_format=torch.contiguous_format)
     ds = None
     atomic = False
-    if need_ds:
+    rpb_f, srh_f, rpbo, rpbo_args, ridx = _rpb_fwd_args(rpb, q, pl, dq=True)
+    # rpb's gradient alone, with rpb blocks: dS summed into the blocks' layout
+    blk = need_drpb and not need_dbias and ridx is not None and not _TUNE.get("nk_drpb")
+    if blk:
+        ds = torch.zeros(H, rpb_f.shape[1], dtype=torch.float32, device=q.device)
+        need_ds = False
+    elif need_ds:
         atomic = not ds_per_batch and B > 1
         bd = B if ds_per_batch else 1
         # summed atomically from zero; causal-masked window positions are never visited
         alloc = torch.zeros if (atomic or pl.any_causal) else torch.empty
         ds = alloc(bd, H, pl.ntok, pl.kt, dtype=torch.float32, device=q.device)
     bias_t, sbb, sbh = _bias_args(bias, q)
-    rpb_f, srh_f, rpbo, rpbo_args = _rpb_fwd_args(rpb, q, pl, dq=True)
     sdb = H * pl.ntok * pl.kt if (need_ds and not atomic) else 0
+    sdh = ds.stride(0) if blk else pl.ntok * pl.kt
     has_bias, has_rpb = bias is not None, rpb is not None
     _fwd_launch(
         pl.fwd_grid,
         (
             q, k, v, out, lse, bias_t, rpb_f, dout, dlse if dlse is not None else lse, delta, dq,
-            ds if need_ds else q, rpbo,
+            ds if (need_ds or blk) else q, rpbo,
         ),
         (
             *_strides_of(q, n), *_strides_of(k, n), *_strides_of(v, n), *_strides_of(out, n),
-            *_strides_of(dq, n), sbb, sbh, srh_f, sdb, pl.ntok * pl.kt, *pl.geo, *pl.fwd_sizes,
+            *_strides_of(dq, n), sbb, sbh, srh_f, sdb, sdh, *pl.geo, *pl.fwd_sizes,
             pl.scale2, pl.dk, pl.dv, *pl.flags, *rpbo_args,
         ),
         *_flag_meta(
-            pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic, rpbo is not q)
+            pl, (has_bias, has_rpb, dlse is not None, True, need_ds, atomic, rpbo is not q, blk)
         ),
     )  # fmt: skip
     kv_blocks = _rpb_kv_blocks(rpb, pl) if has_rpb else None
@@ -1407,4 +1426,7 @@ def backward(
         ),
         *_flag_meta(pl, (has_bias, has_rpb, kv_blocks is not None)),
     )  # fmt: skip
+    if blk:
+        drpb = torch.zeros(H, rpb[0].numel(), dtype=torch.float32, device=q.device)
+        return dq, dkt, dvt, None, drpb.index_add_(1, ridx, ds)
     return dq, dkt, dvt, ds, None

@@ -264,23 +264,25 @@ def test_general_launch_options():
         consts, opts, _ = na_triton._flag_meta(na_triton._plan(q, q.shape[-1], p), flags)
         return consts, opts
 
-    fwd = (False, False, False, False, False, False, False)
+    fwd = (False,) * 8
     c, o = launch(q, fwd)
     assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8)
     c, o = launch(q, (False, True) + fwd[2:])  # rpb: 4 warps, 2x16 key blocks
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
-    assert launch(q, (True, False, False, True, True, False, False))[1]["num_warps"] == 4  # dq
+    assert (
+        launch(q, (True, False, False, True, True, False, False, False))[1]["num_warps"] == 4
+    )  # dq
     # precomputed rpb blocks: heads <= 32 keep the unbiased 8x8 key blocks, wider ones 2x16
-    c, o = launch(q, (False, True, False, False, False, False, True))
+    c, o = launch(q, (False, True, False, False, False, False, True, False))
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (8, 8)
     # ... and the dq pass single rows of 16 keys (8x8 spilled)
-    c, o = launch(q, (False, True, False, True, True, True, True))
+    c, o = launch(q, (False, True, False, True, False, False, True, True))
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (1, 16)
     wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
-    c, o = launch(wide, (False, True, False, False, False, False, True))
+    c, o = launch(wide, (False, True, False, False, False, False, True, False))
     assert (c["KB1"], c["KB2"]) == (2, 16)
-    assert launch(wide, (False, True, False, True, True, True, True))[0]["KB2"] == 16
+    assert launch(wide, (False, True, False, True, False, False, True, True))[0]["KB2"] == 16
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
