@@ -158,7 +158,7 @@ def _na_fwd_kernel(
     logit gradient dS in ``[B|1, h, N, K]`` layout: stored per batch element, or atomically
     summed over the batch into one slice (``ATOMIC_DBIAS``, batch stride 0) when only its
     batch sum is needed (rpb, batch-broadcast attn_bias). ``RPB_BLOCKS``: ``RPB`` holds the
-    rpb values laid out per (key-block set, key block, query, key) (:func:`_rpb_fwd_blocks`);
+    rpb values laid out per (key-block set, key block, query, key) (:func:`_rpb_fwd_index`);
     ``RPBO`` gives each tile's key-block set (per axis, by the offset of its key box).
     ``DRPB_BLOCKS`` (dq pass): dS is summed atomically into DBIAS laid out like those blocks
     (batch and tiles of one block set share it), which the host scatters onto the table.
@@ -716,7 +716,9 @@ def _tile(lg: int, want: int) -> int:
 
 
 # Tile boxes per rank (measured on H200, see NOTES.md); _TUNE overrides them for
-# experiments: keys "tq", "kb", "kt", "qb" (3-tuples), "warps", "stages", "bwd_warps".
+# experiments: keys "tq", "kb", "kt", "qb", "dq_kb" (3-tuples), "warps", "stages", "bwd_warps",
+# "dq_warps", "dq_stages"; "no_rpb_blocks" (gather rpb from the table), "nk_drpb" (rpb's
+# gradient through [1, h, N, K] dS atomics instead of the blocks layout).
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
 # dk/dv pass query blocks. 2-D: 8x16 measured 10-25% faster than 8x8 while the head-dim
