@@ -985,12 +985,30 @@ def _rpb_kv_index(K: tuple, KT: tuple, QB: tuple, device: torch.device) -> Tenso
         r = torch.arange(QB[a]).view(1, 1, QB[a])
         axes.append((c - n * QB[a] - r + 2 * (K[a] - 1)).clamp(0, 2 * K[a] - 2))
         nbs.append(nb)
-    t1, t2 = 2 * K[1] - 1, 2 * K[2] - 1
-    a0 = axes[0].view(nbs[0], 1, 1, KT[0], 1, 1, QB[0], 1, 1)
-    a1 = axes[1].view(1, nbs[1], 1, 1, KT[1], 1, 1, QB[1], 1)
-    a2 = axes[2].view(1, 1, nbs[2], 1, 1, KT[2], 1, 1, QB[2])
-    idx = (a0 * t1 + a1) * t2 + a2
+    idx = _flat_table_index(axes, K)
     return idx.reshape(math.prod(nbs), math.prod(KT), math.prod(QB)).to(device)
+
+
+def _flat_table_index(per_axis: list[Tensor], K: tuple) -> Tensor:
+    """Per-axis rpb table rows (three tensors of one rank m, ``[n_1, ..., n_m]`` each) -> flat
+    index into the row-major ``prod(2K - 1)`` table, laid out ``[n_1 of axes 0..2, ...,
+    n_m of axes 0..2]``."""
+    m = per_axis[0].dim()
+    idx = torch.zeros((), dtype=torch.long)
+    for a in range(3):
+        shape = [1] * (3 * m)
+        for j in range(m):
+            shape[3 * j + a] = per_axis[a].shape[j]
+        idx = idx * (2 * K[a] - 1) + per_axis[a].reshape(shape)
+    return idx
+
+
+def _gather_blocks(rpb: Tensor, idx: Tensor) -> tuple[Tensor, int]:
+    """(rpb values at ``idx`` per head, head stride). Float32 whatever rpb's dtype: the kernels
+    add them in float32, and bfloat16 blocks spilled (56x56 k7 d32 B64 forward 625 us
+    against 219 with float32; H200)."""
+    blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
+    return blocks, blocks.stride(0)
 
 
 def _rpb_kv_blocks(rpb: Tensor, pl: _Plan) -> tuple[Tensor, int] | None:
@@ -1005,8 +1023,7 @@ def _rpb_kv_blocks(rpb: Tensor, pl: _Plan) -> tuple[Tensor, int] | None:
     )
     if idx.numel() > _RPB_BLOCKS_MAX:
         return None
-    blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
-    return blocks, blocks.stride(0)
+    return _gather_blocks(rpb, idx)
 
 
 def _py_window(ip: int, lg: int, K: int, S: int, causal: int, zero: int) -> tuple[int, int]:
@@ -1070,12 +1087,7 @@ def _rpb_fwd_index(geo: tuple, flags: tuple, sizes: tuple, tq: tuple, kb: tuple,
         r = torch.arange(tq[a]).view(1, 1, -1, 1)
         c = torch.arange(kb[a]).view(1, 1, 1, -1)
         per_axis.append((off + m * kb[a] + c - r + K[a] - 1).clamp(0, 2 * K[a] - 2))
-    t1, t2 = 2 * K[1] - 1, 2 * K[2] - 1
-    # [u0, u1, u2, m0, m1, m2, r0, r1, r2, c0, c1, c2]
-    i0 = per_axis[0].view(nu[0], 1, 1, nms[0], 1, 1, tq[0], 1, 1, kb[0], 1, 1)
-    i1 = per_axis[1].view(1, nu[1], 1, 1, nms[1], 1, 1, tq[1], 1, 1, kb[1], 1)
-    i2 = per_axis[2].view(1, 1, nu[2], 1, 1, nms[2], 1, 1, tq[2], 1, 1, kb[2])
-    idx = ((i0 * t1 + i1) * t2 + i2).reshape(-1)
+    idx = _flat_table_index(per_axis, K).reshape(-1)  # [u0..2, m0..2, r0..2, c0..2]
     set_size = math.prod(nms) * rows * keys
     ustride = (nu[1] * nu[2] * set_size, nu[2] * set_size, set_size)
     table = [u * ustride[a] for a in range(3) for u in uidx[a]]
@@ -1102,10 +1114,7 @@ def _rpb_fwd_args(rpb: Tensor | None, q: Tensor, pl: _Plan, dq: bool = False):
         rpb_t, srh = _rpb_args(rpb, q)
         return rpb_t, srh, q, (0, 0, 1, 1), None
     idx, tiles, args = got
-    # float32 blocks whatever rpb's dtype: the kernels add them in float32, and bfloat16
-    # blocks spilled (56x56 k7 d32 B64 forward 625 us against 219 with float32; H200)
-    blocks = rpb.float().reshape(rpb.shape[0], -1)[:, idx]
-    return blocks, blocks.stride(0), tiles, args, idx
+    return *_gather_blocks(rpb, idx), tiles, args, idx
 
 
 def _rpb_args(rpb: Tensor | None, q: Tensor):

@@ -314,33 +314,30 @@ def test_window_out_of_resources_uses_general_kernels(monkeypatch):
     assert len(tried) == 1 and len(general) == 2
 
 
-@pytest.mark.parametrize("case", range(len(_WINDOW_CASES)))
-def test_window_kernel_interpreter(case):
+def _interpreted(kind: str, case: int) -> dict:
+    """Run one ``window``/``rpb`` case of this file's worker under ``TRITON_INTERPRET=1``."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env.pop("VISIONATTN_NA_IMPL", None)
     proc = subprocess.run(
-        [sys.executable, str(_FILE), "window", str(case)],
+        [sys.executable, str(_FILE), kind, str(case)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(_WINDOW_CASES)))
+def test_window_kernel_interpreter(case):
+    result = _interpreted("window", case)
     assert result["window_plan"], "the case must take the whole-window kernel"
     assert result["error"] is None, result["error"]
 
 
 @pytest.mark.parametrize("case", range(len(_RPB_CASES)))
 def test_rpb_blocks_interpreter(case):
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("VISIONATTN_NA_IMPL", None)
-    proc = subprocess.run(
-        [sys.executable, str(_FILE), "rpb", str(case)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["blocks"], "the dk/dv kernel must read precomputed rpb blocks"
+    result = _interpreted("rpb", case)
+    assert result["blocks"], "every kernel must read precomputed rpb blocks"
     assert result["error"] is None, result["error"]
 
 
@@ -441,36 +438,35 @@ def test_triton_gpu_model_shapes(name, cfg, dtype):
     assert err is None, err
 
 
+def _params_and_query(cfg: dict):
+    """(NAParams, empty q) of a config, for plan checks."""
+    from visionattn.kernels._common import NAParams
+
+    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
+                 tuple(cfg["is_causal"]), cfg["border"] == "zero", 1.0)  # fmt: skip
+    return p, torch.empty(cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
+
+
 def _window_worker(case: int) -> dict:
     from visionattn.kernels import na_triton
-    from visionattn.kernels._common import NAParams
 
     tune, over = _WINDOW_CASES[case]
     cfg = _fixed_cfg(over)
     na_triton._TUNE.update(tune)
-    n = len(cfg["spatial"])
-    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
-                 (False,) * n, False, 1.0)  # fmt: skip
-    shape = (cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
-    chosen = na_triton._win_plan(torch.empty(shape), cfg["head_dim_v"], p) is not None
+    p, q = _params_and_query(cfg)
+    chosen = na_triton._win_plan(q, cfg["head_dim_v"], p) is not None
     return dict(window_plan=chosen, error=check_config(cfg, torch.float32, "cpu", 11 + case))
 
 
 def _rpb_worker(case: int) -> dict:
     from visionattn.kernels import na_triton
-    from visionattn.kernels._common import NAParams
 
-    over = dict(_RPB_CASES[case])
-    na_triton._TUNE.update(over.pop("tune", {}))
-    cfg = _fixed_cfg(over, rpb=True)
-    n = len(cfg["spatial"])
-    p = NAParams(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["dilation"]),
-                 tuple(cfg["is_causal"]), cfg["border"] == "zero", 1.0)  # fmt: skip
-    q = torch.empty(cfg["batch"], *cfg["spatial"], cfg["heads"], cfg["head_dim"])
+    cfg = _fixed_cfg(_RPB_CASES[case], rpb=True)
+    p, q = _params_and_query(cfg)
     rpb = torch.zeros(cfg["heads"], *(2 * k - 1 for k in cfg["kernel_size"]))
     blocks = na_triton._win_plan(q, cfg["head_dim_v"], p) is None
     pl = na_triton._plan(q, cfg["head_dim_v"], p)
-    blocks = blocks and na_triton._rpb_kv_blocks(rpb, pl) is not None and n == pl.n
+    blocks = blocks and na_triton._rpb_kv_blocks(rpb, pl) is not None
     blocks = blocks and na_triton._rpb_fwd_args(rpb, q, pl)[2] is not q
     return dict(blocks=blocks, error=check_config(cfg, torch.float32, "cpu", 31 + case))
 
