@@ -936,6 +936,12 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
+        narrow = max(pl.dkp, pl.dvp) <= 32
+        if len(flags) == 8 and flags[6] and pl.n == 2 and narrow and not pl.ieee:
+            # precomputed rpb blocks, half precision, heads <= 32: 2 pipeline stages (H200,
+            # B128 NAT-mini stages 56/28/14): dq + dk/dv 1881 -> 1622, 1156 -> 1005, 550 -> 482
+            # us; forward 430 -> 406, 245 -> 229, 148 -> 143 (session 7, kernels/NOTES.md)
+            d["num_stages"] = _TUNE.get("stages") or 2
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
             for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):
                 if _TUNE.get(key):

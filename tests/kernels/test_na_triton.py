@@ -274,14 +274,17 @@ def test_general_launch_options():
         launch(q, (True, False, False, True, True, False, False, False))[1]["num_warps"] == 4
     )  # dq
     # precomputed rpb blocks: heads <= 32 keep the unbiased 8x8 key blocks, wider ones 2x16
+    # (2 pipeline stages for those narrow half-precision launches)
     c, o = launch(q, (False, True, False, False, False, False, True, False))
-    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (8, 8)
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (8, 8) and o["num_stages"] == 2
     # ... and the dq pass single rows of 16 keys (8x8 spilled)
     c, o = launch(q, (False, True, False, True, False, False, True, True))
-    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (1, 16)
+    assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (1, 16) and o["num_stages"] == 2
+    assert "num_stages" not in launch(q, (False, True) + fwd[2:])[1]  # table gather: default
+    assert "num_stages" not in launch(q.float(), (False, True, False) + fwd[3:6] + (True, False))[1]
     wide = torch.empty(2, 56, 56, 2, 64, dtype=torch.bfloat16)
     c, o = launch(wide, (False, True, False, False, False, False, True, False))
-    assert (c["KB1"], c["KB2"]) == (2, 16)
+    assert (c["KB1"], c["KB2"]) == (2, 16) and "num_stages" not in o
     assert launch(wide, (False, True, False, True, False, False, True, True))[0]["KB2"] == 16
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
