@@ -49,6 +49,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from visionattn.backbones._convert import build_converted
+from visionattn.backbones._layers import AutocastLayerNorm
 from visionattn.kernels.routed import routed_attention
 from visionattn.kernels.routing import bra_route, crop_from_grid, pad_to_grid
 
@@ -258,7 +259,10 @@ class BiFormerBlock(nn.Module):
         self.pos_embed = (
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if before_attn_dwconv else None
         )
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # pre-norm outputs feed a linear only, so they may come out in the autocast dtype;
+        # post-norm outputs are the residual stream and stay nn.LayerNorm (float32)
+        norm = AutocastLayerNorm if pre_norm else nn.LayerNorm
+        self.norm1 = norm(dim, eps=1e-6)
         if topk > 0:
             self.attn: nn.Module = BiLevelRoutingAttention(
                 dim,
@@ -279,7 +283,7 @@ class BiFormerBlock(nn.Module):
             raise ValueError(
                 f"topk: {topk} is not supported (> 0 routed, -1 global, -2 global with LePE)"
             )
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = norm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), dwconv=mlp_dwconv)
         use_ls = layer_scale_init_value is not None and layer_scale_init_value > 0
         self.ls1 = LayerScale(dim, layer_scale_init_value) if use_ls else nn.Identity()

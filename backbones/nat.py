@@ -60,6 +60,7 @@ from torch import nn
 
 import visionattn.kernels as _kernels
 from visionattn.backbones._convert import build_converted
+from visionattn.backbones._layers import AutocastLayerNorm
 
 # official family names visionattn.convert.from_official routes here
 OFFICIAL_FAMILIES = ("nat", "dinat")
@@ -189,7 +190,8 @@ class NATBlock(nn.Module):
         dilation_policy: str = "adapt",
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        # block norms feed a linear only: fused, autocast-dtype output on CUDA
+        self.norm1 = AutocastLayerNorm(dim)
         self.attn = NeighborhoodAttention2d(
             dim,
             num_heads,
@@ -203,7 +205,7 @@ class NATBlock(nn.Module):
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = AutocastLayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

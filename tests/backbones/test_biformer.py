@@ -364,3 +364,16 @@ def test_cli_convert_writes_a_hub_folder_timm_reloads(parity, parity_path: Path,
     with torch.no_grad():
         logits = model(tensors[meta["input_key"]])
     assert (logits - tensors["output"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_block_norm_kind_follows_pre_norm(pre_norm: bool) -> None:
+    """Pre-norm outputs feed linears only and take the fused norm; post-norm outputs are the
+    residual stream and stay nn.LayerNorm (float32 under autocast). Same keys either way."""
+    from visionattn.backbones._layers import AutocastLayerNorm
+
+    block = bf.BiFormerBlock(64, num_heads=2, n_win=7, topk=1, pre_norm=pre_norm)
+    for norm in (block.norm1, block.norm2):
+        assert isinstance(norm, torch.nn.LayerNorm)
+        assert isinstance(norm, AutocastLayerNorm) is pre_norm
+    assert {"norm1.weight", "norm2.bias"} <= set(block.state_dict())

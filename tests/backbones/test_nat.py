@@ -405,3 +405,20 @@ def test_dense_norms_features_and_classification_start(tmp_path: Path) -> None:
     assert len(feats) == len(ref)
     for f, r in zip(feats, ref):
         assert (f - F.layer_norm(r, r.shape[-1:]).permute(0, 3, 1, 2)).abs().max() <= TOL
+
+
+def test_block_norms_use_the_fused_layer_norm() -> None:
+    """Block norms (inputs of the attention's and MLP's linears) are the fused norm, with
+    nn.LayerNorm's keys; the stem/downsampler norms (the residual stream) stay plain."""
+    from visionattn.backbones._layers import AutocastLayerNorm
+
+    model = timm.create_model("nat_mini")
+    blocks = [m for m in model.modules() if isinstance(m, nat.NATBlock)]
+    assert blocks and all(isinstance(b.norm1, AutocastLayerNorm) for b in blocks)
+    assert all(isinstance(b.norm2, AutocastLayerNorm) for b in blocks)
+    fused = {id(b.norm1) for b in blocks} | {id(b.norm2) for b in blocks}
+    others = [
+        m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and id(m) not in fused
+    ]
+    assert others and not any(isinstance(m, AutocastLayerNorm) for m in others)
+    assert "stages.0.blocks.0.norm1.weight" in model.state_dict()
