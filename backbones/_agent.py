@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -49,7 +49,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from visionattn.backbones._layers import AutocastLayerNorm  # noqa: F401  (re-exported)
+from visionattn.backbones._layers import (
+    AutocastLayerNorm,  # noqa: F401  (re-exported)
+    tensors_key,
+)
 
 __all__ = [
     "agent_aggregate",
@@ -62,7 +65,9 @@ __all__ = [
     "agent_key_bias",
     "check_agent_shapes",
     "dwc_tokens",
+    "eval_memo",
     "init_agent_biases",
+    "map_biases",
     "merge_heads",
     "pool_agents",
     "query_agent_bias",
@@ -368,6 +373,59 @@ def query_agent_bias(
     ha = resize_axis(ha_bias, 2, hq).reshape(nh, hq, 1, na)
     wa = resize_axis(wa_bias, 3, wq).reshape(nh, 1, wq, na)
     return nab.transpose(1, 2) + (ha + wa).reshape(nh, hq * wq, na)
+
+
+def eval_memo(
+    module: nn.Module, key: tuple, build: Callable[[], tuple[Tensor, ...]], *params: Tensor
+) -> tuple[Tensor, ...]:
+    """``build()``, kept on ``module`` while autograd is off (eval, outside torch.compile) and
+    returned again while ``key`` and ``params`` are unchanged.
+
+    ``params`` are the tensors ``build`` reads: an optimizer step, ``load_state_dict`` or
+    ``.to()`` changes their version or storage and so rebuilds the entry. Used for the agent
+    position biases, which depend only on parameters and the running map size but take ~10
+    small ops per block to resize and combine: host time that dominates small-model inference.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
+    full = (key, tensors_key(*params))
+    hit = module.__dict__.get("_eval_memo")
+    if hit is not None and hit[0] == full:
+        return hit[1]
+    val = build()
+    module.__dict__["_eval_memo"] = (full, val)
+    return val
+
+
+def map_biases(
+    module: nn.Module,
+    key_size: Sequence[int],
+    query_size: Sequence[int],
+    dtype: torch.dtype,
+    agent_shape: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(agent -> key [heads, A, Nk], query -> agent [heads, Nq, A])`` biases of a module
+    holding the six :func:`init_agent_biases` tables, in ``dtype``, with the agent axis resized
+    from the module's ``grid`` to ``agent_shape`` when given; memoised in eval (:func:`eval_memo`).
+    """
+    m = module
+
+    def build() -> tuple[Tensor, Tensor]:
+        kb = agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, key_size)
+        qb = query_agent_bias(m.na_bias, m.ha_bias, m.wa_bias, query_size)
+        if agent_shape is not None:
+            kb = resize_agent_axis(kb, 1, m.grid, agent_shape)
+            qb = resize_agent_axis(qb, 2, m.grid, agent_shape)
+        return kb.to(dtype), qb.to(dtype)
+
+    key = (
+        tuple(key_size),
+        tuple(query_size),
+        dtype,
+        None if agent_shape is None else tuple(agent_shape),
+    )
+    params = (m.an_bias, m.ah_bias, m.aw_bias, m.na_bias, m.ha_bias, m.wa_bias)
+    return eval_memo(m, key, build, *params)  # type: ignore[return-value]
 
 
 def init_agent_biases(

@@ -211,13 +211,14 @@ class AgentStripeAttention(nn.Module):
         Hp, Wp = H + top + bottom, W + left + right
         qw, kw, vw = (_to_windows(t, sh, sw) for t in (q, k, v))
         agents = _agent.split_heads(_agent.pool_agents(qw, (sh, sw), self.grid), nh)
+        key_bias, query_bias = _agent.map_biases(self, (sh, sw), (sh, sw), qw.dtype)
         x = _agent.agent_attention(
             _agent.split_heads(qw, nh),
             _agent.split_heads(kw, nh),
             _agent.split_heads(vw, nh),
             agents,
-            _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, (sh, sw)),
-            _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, (sh, sw)),
+            key_bias,
+            query_bias,
             scale=self.scale,
         )
         x = _from_windows(_agent.merge_heads(x), sh, sw, Hp, Wp)

@@ -142,10 +142,7 @@ class AgentAttention(nn.Module):
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, C).unbind(2)
         agents = _agent.pool_agents(q, (H, W), self.agent_shape)
-        key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, (H, W))
-        query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, (H, W))
-        key_bias = _agent.resize_agent_axis(key_bias, 1, self.grid, self.agent_shape)
-        query_bias = _agent.resize_agent_axis(query_bias, 2, self.grid, self.agent_shape)
+        key_bias, query_bias = _agent.map_biases(self, (H, W), (H, W), q.dtype, self.agent_shape)
         nh = self.num_heads
         out = _agent.agent_attention(
             _agent.split_heads(q, nh),

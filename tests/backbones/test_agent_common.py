@@ -152,3 +152,41 @@ def test_fit_agent_biases_resizes_only_mismatched_map_axes() -> None:
     ref = F.interpolate(ah.reshape(1, 18, 7), size=12, mode="linear").reshape(1, 2, 9, 12, 1)
     torch.testing.assert_close(out["blocks.0.attn.ah_bias"], ref)
     assert torch.equal(out["blocks.0.attn.an_bias"], other)
+
+
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny"])
+def test_eval_bias_memo_follows_parameters_and_sizes(name: str) -> None:
+    """In eval without autograd the map biases are built once per (size, dtype) and reused;
+    an in-place parameter update (what an optimizer step does), another input size, or
+    autograd being on rebuilds them, so outputs always equal a model without the memo."""
+    import timm
+
+    import visionattn  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    attn = next(m for m in model.modules() if hasattr(m, "an_bias"))
+    size = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(1, 3, size, size)
+
+    def fresh(inp):  # the same model with every memo dropped before the call
+        for m in model.modules():
+            m.__dict__.pop("_eval_memo", None)
+        return model(inp)
+
+    with torch.no_grad():
+        out = model(x)
+        first = attn._eval_memo[1]
+        assert model(x).equal(out) and attn._eval_memo[1] is first  # reused
+        attn.na_bias.add_(0.5)  # in place, like an optimizer step
+        out2 = model(x)
+        assert attn._eval_memo[1] is not first
+        assert out2.equal(fresh(x)) and not out2.equal(out)
+        if name != "agent_swin_tiny":  # Swin's window layout fixes its input size
+            x2 = torch.randn(1, 3, size + 32, size + 32)
+            assert model(x2).equal(fresh(x2))
+    attn.__dict__.pop("_eval_memo", None)
+    out3 = model(x)  # autograd on: built in the graph, not kept
+    assert "_eval_memo" not in attn.__dict__ and out3.requires_grad
+    out3.sum().backward()
+    assert attn.na_bias.grad is not None and attn.na_bias.grad.abs().sum() > 0
