@@ -235,67 +235,27 @@ def _routed_fwd_kernel(
 
 
 @triton.jit
-def _heads_step(
-    q, m_i, l_i, acc, n0, c, gc, tq, g, tile0, b, hh, h_ok, idx_h, IDX, K, V,
-    skb, skh, skw, skn, skd, svb, svh, svw, svn, svd, sit, sik,
-    T, KNW, KTH, KTW, N_KV_TILES, n_keys, qk_scale, offs_d, offs_dv, d_ok, dv_ok,
-    BLOCK_NT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    # one BLOCK_NT-key step of HB heads: gather the routed keys, online-softmax update
-    lk = KTH * KTW
-    kn = n0 + c % BLOCK_NT
-    n_ok = (kn < n_keys) & (tile0 + gc < T)  # [N]
-    slot = kn // lk
-    pix = kn % lk
-    j = tl.load(
-        IDX + idx_h[:, None] + (tq * sit + slot * sik)[None, :],
-        mask=h_ok[:, None] & n_ok[None, :],
-        other=0,
-    ).to(tl.int32)  # [HB, N]
-    j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
-    ky = (j // KNW) * KTH + (pix // KTW)[None, :]
-    kx = (j % KNW) * KTW + (pix % KTW)[None, :]
-    hn_ok = h_ok[:, None] & n_ok[None, :]
-    kt = tl.load(
-        K
-        + b * skb
-        + (hh[:, None] * skn + ky * skh + kx * skw)[:, None, :]
-        + offs_d[None, :, None] * skd,
-        mask=hn_ok[:, None, :] & d_ok[None, :, None],
-        other=0.0,
-    )  # [HB, D, N]
-    s = _dot(q, kt, PREC, UPCAST) * qk_scale  # [HB, M, N]
-    ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # [M, N], block-diagonal when packed
-    s = tl.where(ok[None, :, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 2))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, 2)
-    vb = tl.load(
-        V
-        + b * svb
-        + (hh[:, None] * svn + ky * svh + kx * svw)[:, :, None]
-        + offs_dv[None, None, :] * svd,
-        mask=hn_ok[:, :, None] & dv_ok[None, None, :],
-        other=0.0,
-    )  # [HB, N, DV]
-    acc = acc * alpha[:, :, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
-    m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _heads_tile(
-    pid_t, b, hh, h_ok, Q, K, V, IDX, OUT, LSE,
+def _routed_fwd_heads_kernel(
+    Q, K, V, IDX, OUT, LSE,
     sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
     sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
-    T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, N_MBLK,
+    HEADS, N_HBLK, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
+    qk_scale,  # scale * log2(e)
+    N_MBLK,
     STORE_LSE: tl.constexpr, HB: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_STEP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    # the query rows of one (tile group, batch, head block): load q, walk the routed keys,
-    # store the output (and lse). ONE_STEP: all routed keys fit one BLOCK_NT step.
+    # The forward above for HB heads at once (3-D tensors [HB, rows, ...], batched tl.dot):
+    # small tiles give a program little work, so its few loads wait alone; HB heads issue HB
+    # times the loads together, and with shared indices (BiFormer) their key rows are adjacent
+    # in memory and one index lookup serves all of them.
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // N_HBLK).to(tl.int64)
+    hh = (pid_bh % N_HBLK) * HB + tl.arange(0, HB)
+    h_ok = hh < HEADS
+    hh = tl.minimum(hh, HEADS - 1)
     n_keys = TOPK * KTH * KTW
     tile0, g, t, m_ok, y, x = _rows(pid_t, N_MBLK, T, TH, TW, NW, PACK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -310,6 +270,7 @@ def _heads_tile(
     )  # fmt: skip
     q = tl.load(q_ptrs, mask=hm_ok[:, :, None] & d_ok[None, None, :], other=0.0)
 
+    lk = KTH * KTW
     idx_h = b * sib + hh * sih  # [HB] (sih is 0 for shared lists)
     m_i = tl.full([HB, BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([HB, BLOCK_M], dtype=tl.float32)
@@ -317,21 +278,45 @@ def _heads_tile(
     c = tl.arange(0, PACK * BLOCK_NT)
     gc = c // BLOCK_NT
     tq = tl.minimum(tile0 + gc, T - 1)
-    if ONE_STEP:
-        m_i, l_i, acc = _heads_step(
-            q, m_i, l_i, acc, 0, c, gc, tq, g, tile0, b, hh, h_ok, idx_h, IDX, K, V,
-            skb, skh, skw, skn, skd, svb, svh, svw, svn, svd, sit, sik,
-            T, KNW, KTH, KTW, N_KV_TILES, n_keys, qk_scale, offs_d, offs_dv, d_ok, dv_ok,
-            BLOCK_NT, PREC, UPCAST,
-        )  # fmt: skip
-    else:
-        for n0 in range(0, n_keys, BLOCK_NT):
-            m_i, l_i, acc = _heads_step(
-                q, m_i, l_i, acc, n0, c, gc, tq, g, tile0, b, hh, h_ok, idx_h, IDX, K, V,
-                skb, skh, skw, skn, skd, svb, svh, svw, svn, svd, sit, sik,
-                T, KNW, KTH, KTW, N_KV_TILES, n_keys, qk_scale, offs_d, offs_dv, d_ok, dv_ok,
-                BLOCK_NT, PREC, UPCAST,
-            )  # fmt: skip
+    for n0 in range(0, n_keys, BLOCK_NT):
+        kn = n0 + c % BLOCK_NT
+        n_ok = (kn < n_keys) & (tile0 + gc < T)  # [N]
+        slot = kn // lk
+        pix = kn % lk
+        j = tl.load(
+            IDX + idx_h[:, None] + (tq * sit + slot * sik)[None, :],
+            mask=h_ok[:, None] & n_ok[None, :],
+            other=0,
+        ).to(tl.int32)  # [HB, N]
+        j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
+        ky = (j // KNW) * KTH + (pix // KTW)[None, :]
+        kx = (j % KNW) * KTW + (pix % KTW)[None, :]
+        hn_ok = h_ok[:, None] & n_ok[None, :]
+        kt = tl.load(
+            K
+            + b * skb
+            + (hh[:, None] * skn + ky * skh + kx * skw)[:, None, :]
+            + offs_d[None, :, None] * skd,
+            mask=hn_ok[:, None, :] & d_ok[None, :, None],
+            other=0.0,
+        )  # [HB, D, N]
+        s = _dot(q, kt, PREC, UPCAST) * qk_scale  # [HB, M, N]
+        ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # [M, N], block-diagonal when packed
+        s = tl.where(ok[None, :, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        vb = tl.load(
+            V
+            + b * svb
+            + (hh[:, None] * svn + ky * svh + kx * svw)[:, :, None]
+            + offs_dv[None, None, :] * svd,
+            mask=hn_ok[:, :, None] & dv_ok[None, None, :],
+            other=0.0,
+        )  # [HB, N, DV]
+        acc = acc * alpha[:, :, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
+        m_i = m_new
 
     acc = acc / l_i[:, :, None]
     o_ptrs = (
@@ -342,51 +327,6 @@ def _heads_tile(
     if STORE_LSE:
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + b * slb + hh[:, None] * sln + (y * slh + x * slw)[None, :], lse, mask=hm_ok)
-
-
-@triton.jit
-def _routed_fwd_heads_kernel(
-    Q, K, V, IDX, OUT, LSE,
-    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
-    HEADS, N_HBLK, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
-    qk_scale,  # scale * log2(e)
-    N_MBLK,
-    STORE_LSE: tl.constexpr, HB: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_STEP: tl.constexpr = False,
-    ITERS: tl.constexpr = 1, ITER_STAGES: tl.constexpr = 2,
-):  # fmt: skip
-    # The forward above for HB heads at once (3-D tensors [HB, rows, ...], batched tl.dot):
-    # small tiles give a program little work, so its few loads wait alone; HB heads issue HB
-    # times the loads together, and with shared indices (BiFormer) their key rows are adjacent
-    # in memory and one index lookup serves all of them. ITERS > 1: a program takes ITERS
-    # consecutive tile groups in a pipelined loop, so the next group's gathers are in flight
-    # while this one computes (ONE_STEP makes that loop the innermost one).
-    pid0 = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // N_HBLK).to(tl.int64)
-    hh = (pid_bh % N_HBLK) * HB + tl.arange(0, HB)
-    h_ok = hh < HEADS
-    hh = tl.minimum(hh, HEADS - 1)
-    if ITERS == 1:
-        _heads_tile(
-            pid0, b, hh, h_ok, Q, K, V, IDX, OUT, LSE,
-            sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-            sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
-            T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, N_MBLK,
-            STORE_LSE, HB, PACK, BLOCK_M, BLOCK_NT, BLOCK_D, BLOCK_DV, PREC, UPCAST, ONE_STEP,
-        )  # fmt: skip
-    else:
-        for it in tl.range(0, ITERS, num_stages=ITER_STAGES):
-            _heads_tile(
-                pid0 * ITERS + it, b, hh, h_ok, Q, K, V, IDX, OUT, LSE,
-                sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
-                sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
-                T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV, qk_scale, N_MBLK,
-                STORE_LSE, HB, PACK, BLOCK_M, BLOCK_NT, BLOCK_D, BLOCK_DV, PREC, UPCAST,
-                ONE_STEP,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -676,15 +616,12 @@ def _geometry(q, k, tiles):
 # stage, but cost 25% of the 14x14 stage's GPU time, where every program scans 8 times).
 # fwd_heads: at most this many heads per forward program, with heads x rows <= fwd_head_rows
 # (half dtypes; H200: 2 heads of 16 rows beat 1 and 4 on the 28x28 and 14x14 stages);
-# fwd_stages: num_stages of that kernel (1 and 3 were slower); fwd_iters: tile groups per
-# program of that kernel, walked in a loop pipelined over fwd_iter_stages stages.
+# fwd_stages: num_stages of that kernel (1 and 3 were slower).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
     fwd_head_rows=32,
     fwd_stages=2,
-    fwd_iters=1,
-    fwd_iter_stages=2,
     dq_rows=32,
     fwd_cols=64,
     dq_cols=128,
@@ -802,17 +739,15 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         )
     if hb > 1:
         n_hblk = _cdiv(heads, hb)
-        iters = max(1, TUNE["fwd_iters"])
         scalars = (
             *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
             sib, sih, sit, sik,
             heads, n_hblk, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
             scale * _LOG2E, n_mblk,
             need_lse, hb, pack, block_m, block_nt, *_head_blocks(d, dv),
-            _prec(q.dtype), _upcast(q.dtype), topk * kth * ktw <= block_nt, iters,
-            TUNE["fwd_iter_stages"],
+            _prec(q.dtype), _upcast(q.dtype),
         )  # fmt: skip
-        grid = (_cdiv(_cdiv(t, pack) * n_mblk, iters), b * n_hblk)
+        grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
         warps = (_warps(block_m * hb), TUNE["fwd_stages"])
         return (out_shape, lse_shape, grid, scalars, warps, {}, _fwd_heads_launch)
     scalars = (

@@ -165,14 +165,11 @@ def test_interpreted_sweep(interp, shard):
         dict(fwd_rows=32, dq_rows=16, index_in_kernel=0),
         dict(fwd_rows=8, fwd_heads=1, fwd_cols=16),
         dict(fwd_rows=128, fwd_heads=4, fwd_head_rows=512, fwd_cols=128),
-        # several tile groups per forward program: one key step each, and several steps
-        dict(fwd_rows=16, fwd_iters=3, fwd_cols=256),
-        dict(fwd_rows=16, fwd_iters=2, fwd_cols=16),
     ],
 )
 def test_interpreted_other_packings(interp, monkeypatch, tune):
     """Other tile packings (more/fewer tiles per program, other key steps, 1 to 4 heads per
-    forward program, 2-3 tile groups per forward program) give the same, and so does the backward with a separate inverted-index
+    forward program) give the same, and so does the backward with a separate inverted-index
     launch."""
     monkeypatch.setattr(interp, "TUNE", {**interp.TUNE, **tune})
     rng = random.Random(77 + tune["fwd_rows"])
