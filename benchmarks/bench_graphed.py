@@ -1,0 +1,231 @@
+"""Training throughput with and without host overhead: eager steps and CUDA-graph replays.
+
+Small backbones at batch 128 are host-bound on the lent H200 machine: PyTorch's per-op
+dispatch, autograd and launch costs take longer than the GPU work (EfficientViT-M5: ~90 ms
+of host time against ~14-28 ms of kernels per step). Eager img/s then measures the host, and
+both implementations' rates drift with its speed from run to run. Capturing the whole
+training step (forward, cross-entropy, backward, optimizer step) in one CUDA graph and
+replaying it removes the host from the step, so the replay rate measures the GPU work.
+
+For each ``impl:model`` entry, in one process, interleaved over ``--rounds``:
+
+* ``eager``: the usual step, ``torch.autocast(bf16)``, SGD with momentum;
+* ``graphed``: the same step captured once with ``torch.cuda.graph`` (PyTorch's whole-network
+  capture recipe: warm-up on a side stream, static input/target, autocast without its weight
+  cache, gradients kept allocated) and replayed; a replay must change the weights.
+
+``impl`` is ``timm`` (timm's model of that name), ``ours`` (``va_<name>`` where visionattn
+registers a same-named drop-in, else ``<name>``) or ``official`` (the Agent-Attention code,
+see ``bench_agent.py``). Both implementations get the same recipe: the graphed column is the
+remedy any user of either can apply, and the ratio between the graphed rates is the one the
+kernels decide.
+
+    source tools/gpu_env.sh; python3 benchmarks/bench_graphed.py --out-dir $OUT
+
+Prints a table; writes ``graphed_<gpu>.json`` into ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import visionattn  # noqa: F401  (registers our models)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RUNS = (
+    "timm:efficientvit_m5,ours:efficientvit_m5,"
+    "official:agent_pvt_tiny,ours:agent_pvt_tiny,"
+    "official:agent_deit_tiny,ours:agent_deit_tiny"
+)
+
+
+def build(impl: str, name: str) -> nn.Module:
+    """The model of one ``impl:name`` entry (random weights)."""
+    if impl == "timm":
+        return timm.create_model(name)
+    if impl == "ours":
+        return timm.create_model(f"va_{name}" if timm.is_model(f"va_{name}") else name)
+    if impl == "official":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import bench_agent
+
+        return bench_agent.build("official", name)
+    raise ValueError(f"impl: must be timm, ours or official, got {impl!r}")
+
+
+def _sync_time(fn: Callable[[], None], iters: int) -> float:
+    """Seconds per call: ``iters`` calls between two synchronisations."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+class Trainer:
+    """One model's training step, run eagerly or captured once and replayed (one mode per
+    instance)."""
+
+    def __init__(self, model: nn.Module, batch: int, size: int, device: torch.device) -> None:
+        self.model = model.to(device).train()
+        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.y = torch.randint(0, 1000, (batch,), device=device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self, cache: bool = True) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def eager(self) -> None:
+        self._step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def capture(self) -> None:
+        # gradients stay allocated (zeroed in place) so the captured backward writes into the
+        # same buffers at every replay
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.zero_grad(set_to_none=False)
+                self._step(cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.opt.zero_grad(set_to_none=False)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.opt.zero_grad(set_to_none=False)
+            self.loss = self._step(cache=False)
+        torch.cuda.synchronize()
+
+    def graphed(self) -> None:
+        assert self.graph is not None
+        self.graph.replay()
+
+    def replay_changes_weights(self) -> bool:
+        p = next(p for p in self.model.parameters() if p.requires_grad)
+        before = p.detach().clone()
+        self.graphed()
+        torch.cuda.synchronize()
+        return bool(torch.isfinite(self.loss).item()) and not torch.equal(before, p.detach())
+
+
+def _commit() -> str | None:
+    if os.environ.get("VISIONATTN_COMMIT"):  # the lent GPU's copy has stale git metadata
+        return os.environ["VISIONATTN_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True)
+        return out.stdout.decode().strip() or None
+    except OSError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated impl:model entries")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=400.0, help="skip entries past this")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks"))
+    args = ap.parse_args()
+    if args.batch < 1 or args.iters < 1 or args.rounds < 1:
+        raise SystemExit("--batch, --iters and --rounds: must be positive")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_graphed: needs a CUDA GPU (CUDA graphs)")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    runs = [tuple(r.split(":", 1)) for r in args.runs.split(",") if r]
+    t0 = time.time()
+
+    trainers: dict[tuple, tuple[Trainer, Trainer]] = {}
+    errors: dict[str, str] = {}
+    for impl, name in runs:
+        key = f"{impl}:{name}"
+        if time.time() - t0 > args.budget_s:
+            errors[key] = "skipped: budget"
+            continue
+        try:
+            # separate models: an eager step frees the gradients a captured graph writes into
+            models = [build(impl, name) for _ in range(2)]
+            cfg = getattr(models[0], "pretrained_cfg", None) or {}
+            size = cfg.get("input_size", (3, 224, 224))[-1]  # official models: 224
+            eager, graphed = (Trainer(m, args.batch, size, device) for m in models)
+            for _ in range(3):
+                eager.eager()
+            graphed.capture()
+            if not graphed.replay_changes_weights():
+                raise RuntimeError("a replay left the weights unchanged or the loss not finite")
+            trainers[(impl, name)] = (eager, graphed)
+        except Exception as e:  # keep the other entries
+            errors[key] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            torch.cuda.empty_cache()
+
+    rates: dict[tuple, dict[str, list[float]]] = {k: {"eager": [], "graphed": []} for k in trainers}
+    for _ in range(args.rounds):
+        for k, (eager, graphed) in trainers.items():
+            for mode, fn in (("eager", eager.eager), ("graphed", graphed.graphed)):
+                sec = _sync_time(fn, args.iters)
+                rates[k][mode].append(args.batch / sec)
+
+    gpu = torch.cuda.get_device_name(0)
+    results = []
+    for (impl, name), r in rates.items():
+        results.append(
+            dict(
+                impl=impl,
+                model=name,
+                eager_img_s=round(max(r["eager"]), 1),
+                graphed_img_s=round(max(r["graphed"]), 1),
+                eager_rounds=[round(v, 1) for v in r["eager"]],
+                graphed_rounds=[round(v, 1) for v in r["graphed"]],
+            )
+        )
+    payload = dict(
+        env=dict(
+            device=gpu,
+            torch=torch.__version__,
+            timm=timm.__version__,
+            commit=_commit(),
+            batch=args.batch,
+            iters=args.iters,
+            rounds=args.rounds,
+            step="bf16 autocast forward + cross-entropy + backward + SGD(momentum) step",
+        ),
+        results=results,
+        errors=errors,
+    )
+    out = Path(args.out_dir) / f"graphed_{gpu.split()[-1].lower()}.json"
+    out.write_text(json.dumps(payload, indent=1))
+
+    print(f"\n{gpu} | torch {torch.__version__} | batch {args.batch}, best of {args.rounds} rounds")
+    print(f"{'impl':9s} {'model':18s} {'eager img/s':>12s} {'graphed img/s':>14s}")
+    for row in results:
+        print(
+            f"{row['impl']:9s} {row['model']:18s} {row['eager_img_s']:12.1f} "
+            f"{row['graphed_img_s']:14.1f}"
+        )
+    for k, e in errors.items():
+        print(f"{k}: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
