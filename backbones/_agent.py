@@ -66,6 +66,7 @@ __all__ = [
     "check_agent_shapes",
     "dwc_tokens",
     "eval_memo",
+    "full_precision",
     "init_agent_biases",
     "map_biases",
     "merge_heads",
@@ -104,30 +105,31 @@ def _bins(n: int, g: int, device: torch.device) -> Tensor:
 
 
 def _build_pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     # tensor ops only, so torch.compile traces it without a graph break
     member = torch.kron(_bins(size[0], grid[0], device), _bins(size[1], grid[1], device))
     inv = 1.0 / member.sum(1, keepdim=True).double()
-    return member, inv
+    return member.to(dtype), inv.to(torch.promote_types(dtype, torch.float32))
 
 
 @lru_cache(maxsize=64)
 def _cached_pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    return _build_pool_matrix(size, grid, device)
+    return _build_pool_matrix(size, grid, device, dtype)
 
 
 def _pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device
+    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """0/1 bin-membership matrix ``[gh*gw, H*W]`` of adaptive average pooling (agents and
-    tokens both row-major) and the float64 reciprocal bin sizes ``[gh*gw, 1]``; cached in
-    eager mode, rebuilt from tensor ops while compiling."""
+    tokens both row-major) in ``dtype`` (0/1 are exact in any dtype) and the reciprocal bin
+    sizes ``[gh*gw, 1]`` in ``dtype`` promoted to at least float32; cached per dtype in eager
+    mode (no cast per call), rebuilt from tensor ops while compiling."""
     if torch.compiler.is_compiling():
-        return _build_pool_matrix(size, grid, device)
-    return _cached_pool_matrix(size, grid, device)
+        return _build_pool_matrix(size, grid, device, dtype)
+    return _cached_pool_matrix(size, grid, device, dtype)
 
 
 def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[int]) -> Tensor:
@@ -149,10 +151,10 @@ def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[
         raise ValueError(
             f"tokens: expected [B, {h * w}, C] for size {(h, w)}, got {tuple(tokens.shape)}"
         )
-    member, inv = _pool_matrix((h, w), grid, tokens.device)
-    summed = torch.matmul(member.to(tokens.dtype), tokens)
+    member, inv = _pool_matrix((h, w), grid, tokens.device, tokens.dtype)
+    summed = torch.matmul(member, tokens)
     # the division in float32 at least (bf16 1/size would be inexact)
-    return (summed * inv.to(torch.promote_types(tokens.dtype, torch.float32))).to(tokens.dtype)
+    return (summed * inv).to(tokens.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +377,13 @@ def query_agent_bias(
     return nab.transpose(1, 2) + (ha + wa).reshape(nh, hq * wq, na)
 
 
+def full_precision(t: Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device: the bias tables are resized and combined in their own
+    (float32) precision, as the official ``F.interpolate`` does under autocast, with one cast
+    at the end instead of a cast per resize matmul (and its backward)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def eval_memo(
     module: nn.Module, key: tuple, build: Callable[[], tuple[Tensor, ...]], *params: Tensor
 ) -> tuple[Tensor, ...]:
@@ -411,11 +420,12 @@ def map_biases(
     m = module
 
     def build() -> tuple[Tensor, Tensor]:
-        kb = agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, key_size)
-        qb = query_agent_bias(m.na_bias, m.ha_bias, m.wa_bias, query_size)
-        if agent_shape is not None:
-            kb = resize_agent_axis(kb, 1, m.grid, agent_shape)
-            qb = resize_agent_axis(qb, 2, m.grid, agent_shape)
+        with full_precision(m.an_bias):
+            kb = agent_key_bias(m.an_bias, m.ah_bias, m.aw_bias, key_size)
+            qb = query_agent_bias(m.na_bias, m.ha_bias, m.wa_bias, query_size)
+            if agent_shape is not None:
+                kb = resize_agent_axis(kb, 1, m.grid, agent_shape)
+                qb = resize_agent_axis(qb, 2, m.grid, agent_shape)
         return kb.to(dtype), qb.to(dtype)
 
     key = (

@@ -155,10 +155,11 @@ class AgentAttention(nn.Module):
 
     def _biases(self, grid: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Map biases with the class token's in front: ``[heads, A, 1 + N]``, ``[heads, 1 + N, A]``."""
-        key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, grid)
-        key_bias = torch.cat([self.ac_bias[0], key_bias], dim=-1)
-        query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, grid)
-        query_bias = torch.cat([self.ca_bias[0], query_bias], dim=-2)
+        with _agent.full_precision(self.an_bias):
+            key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, grid)
+            key_bias = torch.cat([self.ac_bias[0], key_bias], dim=-1)
+            query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, grid)
+            query_bias = torch.cat([self.ca_bias[0], query_bias], dim=-2)
         return key_bias.to(dtype), query_bias.to(dtype)
 
     def extra_repr(self) -> str:

@@ -31,6 +31,19 @@ def test_pool_agents_matches_adaptive_avg_pool(size, grid) -> None:
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
+def test_pool_agents_half_precision_matches_float64() -> None:
+    """bfloat16 tokens (autocast's dtype) pool through the per-dtype cached matrix: the bin
+    sums come out of a bf16 matmul, the division by the bin size happens in float32."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, 10 * 6, 8, generator=g, dtype=torch.float64)
+    ref = _agent.pool_agents(tokens, (10, 6), (4, 4))
+    got = _agent.pool_agents(tokens.bfloat16(), (10, 6), (4, 4))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
+    m16, inv16 = _agent._pool_matrix((10, 6), (4, 4), tokens.device, torch.bfloat16)
+    assert m16.dtype == torch.bfloat16 and inv16.dtype == torch.float32
+
+
 def test_pool_agents_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="tokens"):
         _agent.pool_agents(torch.zeros(1, 10, 4), (3, 3), (2, 2))
