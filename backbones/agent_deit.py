@@ -154,7 +154,7 @@ class AgentAttention(nn.Module):
         )  # fmt: skip
 
     def _biases(self, grid: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Map biases with the class token's in front: ``[heads, A, 1 + N]``, ``[heads, 1 + N, A]``."""
+        """Map biases, class token first: ``[heads, A, 1 + N]`` and ``[heads, 1 + N, A]``."""
         with _agent.full_precision(self.an_bias):
             key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, grid)
             key_bias = torch.cat([self.ac_bias[0], key_bias], dim=-1)
