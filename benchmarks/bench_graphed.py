@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +42,9 @@ from torch import nn
 import visionattn  # noqa: F401  (registers our models)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_agent  # noqa: E402  (the official Agent builders and the commit lookup)
+
 DEFAULT_RUNS = (
     "timm:efficientvit_m5,ours:efficientvit_m5,"
     "official:agent_pvt_tiny,ours:agent_pvt_tiny,"
@@ -58,9 +59,6 @@ def build(impl: str, name: str) -> nn.Module:
     if impl == "ours":
         return timm.create_model(f"va_{name}" if timm.is_model(f"va_{name}") else name)
     if impl == "official":
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        import bench_agent
-
         return bench_agent.build("official", name)
     raise ValueError(f"impl: must be timm, ours or official, got {impl!r}")
 
@@ -124,16 +122,6 @@ class Trainer:
         self.graphed()
         torch.cuda.synchronize()
         return bool(torch.isfinite(self.loss).item()) and not torch.equal(before, p.detach())
-
-
-def _commit() -> str | None:
-    if os.environ.get("VISIONATTN_COMMIT"):  # the lent GPU's copy has stale git metadata
-        return os.environ["VISIONATTN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True)
-        return out.stdout.decode().strip() or None
-    except OSError:
-        return None
 
 
 def main() -> None:
@@ -203,7 +191,7 @@ def main() -> None:
             device=gpu,
             torch=torch.__version__,
             timm=timm.__version__,
-            commit=_commit(),
+            commit=bench_agent._commit(),
             batch=args.batch,
             iters=args.iters,
             rounds=args.rounds,

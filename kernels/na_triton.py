@@ -736,12 +736,20 @@ def _head_pads(dk: int, dv: int) -> tuple[int, int]:
     return dkp, max(dvp, dkp)
 
 
-def _launch_opts(bwd: bool, ieee: bool, n: int, head: int, gathers: bool) -> dict:
+def _launch_opts(
+    bwd: bool, ieee: bool, n: int, head: int, gathers: bool, rpb_blocks: bool = False
+) -> dict:
     """num_warps / num_stages of one general-kernel launch (the window kernel has its own).
-    ``gathers``: the launch reads a logit bias (any kernel) or the rpb table (forward/dq)."""
+    ``gathers``: the launch reads a logit bias (any kernel) or the rpb table (forward/dq);
+    ``rpb_blocks``: a forward/dq launch reads precomputed rpb blocks instead."""
     opts = {}
     if ieee and head >= 64:  # fp32 tiles with wide heads overflow shared memory when pipelined
         opts["num_stages"] = 1
+    if rpb_blocks and n == 2 and head <= 32 and not ieee:
+        # 2 stages (H200, B128 NAT-mini stages 56/28/14): dq + dk/dv 1881 -> 1622,
+        # 1156 -> 1005, 550 -> 482 us; forward 430 -> 406, 245 -> 229, 148 -> 143 (session 7,
+        # kernels/NOTES.md)
+        opts["num_stages"] = 2
     if n == 2 and head <= 32 and not ieee:
         # 2 warps: 56x56 k7 d32 forward 156 -> 131 us, backward 584 -> 488 (with 8x8 query
         # blocks), HaloNet and 128x128 likewise; 64-wide heads and up lose (H200, session 6).
@@ -935,13 +943,8 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
         else:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
-        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers))
-        narrow = max(pl.dkp, pl.dvp) <= 32
-        if len(flags) == 8 and flags[6] and pl.n == 2 and narrow and not pl.ieee:
-            # precomputed rpb blocks, half precision, heads <= 32: 2 pipeline stages (H200,
-            # B128 NAT-mini stages 56/28/14): dq + dk/dv 1881 -> 1622, 1156 -> 1005, 550 -> 482
-            # us; forward 430 -> 406, 245 -> 229, 148 -> 143 (session 7, kernels/NOTES.md)
-            d["num_stages"] = _TUNE.get("stages") or 2
+        blocks = len(flags) == 8 and flags[6]
+        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks))
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
             for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):
                 if _TUNE.get(key):
