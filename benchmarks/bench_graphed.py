@@ -1,8 +1,9 @@
 """Training throughput with and without host overhead: eager steps and CUDA-graph replays.
 
 Small backbones at batch 128 are host-bound on the lent H200 machine: PyTorch's per-op
-dispatch, autograd and launch costs take longer than the GPU work (EfficientViT-M5: ~90 ms
-of host time against ~14-28 ms of kernels per step). Eager img/s then measures the host, and
+dispatch, autograd and launch costs take longer than the GPU work (EfficientViT-M5, session 8
+profiles: 54-81 ms of host time against 28 ms of kernels per step for timm's model, 93-97
+against 14 ms for ours). Eager img/s then measures the host, and
 both implementations' rates drift with its speed from run to run. Capturing the whole
 training step (forward, cross-entropy, backward, optimizer step) in one CUDA graph and
 replaying it removes the host from the step, so the replay rate measures the GPU work.
