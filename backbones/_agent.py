@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from visionattn.backbones._layers import (
     AutocastLayerNorm,  # noqa: F401  (re-exported)
+    module_memo,
     tensors_key,
 )
 
@@ -397,13 +398,7 @@ def eval_memo(
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return build()
-    full = (key, tensors_key(*params))
-    hit = module.__dict__.get("_eval_memo")
-    if hit is not None and hit[0] == full:
-        return hit[1]
-    val = build()
-    module.__dict__["_eval_memo"] = (full, val)
-    return val
+    return module_memo(module, "_eval_memo", (key, tensors_key(*params)), build)
 
 
 def map_biases(

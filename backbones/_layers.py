@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ConvNormAct, GELUTanh
@@ -16,6 +19,7 @@ __all__ = [
     "fold_enabled",
     "inplace_act",
     "linear_tokens",
+    "module_memo",
     "pointwise",
     "tensors_key",
     "use_folded_conv_norm",
@@ -104,6 +108,20 @@ def tensors_key(*tensors: torch.Tensor | None) -> tuple:
     place (version counter) or replaced (storage), e.g. by an optimizer step or
     ``load_state_dict``. ``None`` entries are skipped."""
     return tuple((t._version, t.data_ptr()) for t in tensors if t is not None)
+
+
+def module_memo(module: nn.Module, slot: str, key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, kept on ``module`` under ``slot`` and returned again while ``key`` is
+    unchanged (one entry per slot). ``key`` should hold the sizes/dtype/device the value
+    depends on and :func:`tensors_key` of every tensor ``build`` reads, so an optimizer step,
+    ``load_state_dict`` or ``.to()`` rebuilds it. The caller decides when memoising is valid
+    (e.g. :func:`fold_enabled`)."""
+    hit = module.__dict__.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = build()
+    module.__dict__[slot] = (key, val)
+    return val
 
 
 def fold_enabled(module: nn.Module) -> bool:

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
-from visionattn.backbones._layers import fold_bn, fold_enabled, pointwise, tensors_key
+from visionattn.backbones._layers import fold_bn, fold_enabled, module_memo, pointwise, tensors_key
 from visionattn.kernels import na2d
 
 # official family names visionattn.convert.from_official routes here
@@ -292,7 +292,6 @@ class CascadedGroupAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         # per padded map size: bias index (device) and, in eval, the gathered bias
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _window_bias(self, h: int, w: int) -> torch.Tensor:
         """na2d ``attn_bias`` ``[1, heads, h, w, ws, ws]`` gathered from the offset bias.
@@ -310,13 +309,11 @@ class CascadedGroupAttention(nn.Module):
         if not fold_enabled(self):
             return ab[:, idx].unsqueeze(0)
         key = (h, w, *tensors_key(ab), ab.device)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            self._bias_cache = (key, ab[:, idx].unsqueeze(0))
-        return self._bias_cache[1]
+        return module_memo(self, "_bias_cache", key, lambda: ab[:, idx].unsqueeze(0))
 
     def _apply(self, fn, *args, **kwargs):
         self._index_cache = {}
-        self._bias_cache = None
+        self.__dict__.pop("_bias_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,7 @@ from visionattn.backbones._layers import (
     AutocastLayerNorm,
     fold_bn,
     fold_enabled,
+    module_memo,
     tensors_key,
 )
 from visionattn.backbones._layers import inplace_act as _act
@@ -392,24 +393,24 @@ class PartitionAttn(nn.Module):
         self.rel_pos = RelPosBiasTable(self.partition_size, self.num_heads)
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _cpu_bias(
         self, H: int, W: int, stride: tuple[int, int], dilation: tuple[int, int]
     ) -> torch.Tensor:
         """``rpb`` as na2d's ``attn_bias`` ``[1, heads, H, W, ph, pw]`` (same values)."""
         t = self.rel_pos.relative_position_bias_table
-        key = (H, W, *tensors_key(t), t.dtype)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            ph, pw = self.partition_size
+        ph, pw = self.partition_size
+
+        def build() -> torch.Tensor:
             p = NAParams((ph, pw), stride, dilation, (False, False), False, 1.0)
             rel = window_tables((H, W), p)[3]  # [N, K] index into the flattened table
-            bias = t.detach().reshape(self.num_heads, -1)[:, rel].view(1, -1, H, W, ph, pw)
-            self._bias_cache = (key, bias)
-        return self._bias_cache[1]
+            return t.detach().reshape(self.num_heads, -1)[:, rel].view(1, -1, H, W, ph, pw)
+
+        key = (H, W, stride, dilation, *tensors_key(t), t.dtype)
+        return module_memo(self, "_bias_cache", key, build)
 
     def _apply(self, fn, *args, **kwargs):
-        self._bias_cache = None
+        self.__dict__.pop("_bias_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,3 +132,25 @@ def test_use_folded_conv_norm_skips_unfoldable() -> None:
     no_norm = ConvNormAct(4, 4, 1, apply_norm=False)
     assert use_folded_conv_norm(nn.Sequential(no_norm)) == 0
     assert type(no_norm) is ConvNormAct
+
+
+def test_module_memo_reuses_until_the_key_changes() -> None:
+    """One entry per slot: the same key returns the stored value without building; a
+    parameter update (tensors_key in the key) or another key rebuilds and replaces it."""
+    module_memo, tensors_key = _layers.module_memo, _layers.tensors_key
+    m = nn.Linear(2, 2)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return m.weight.detach() * 2
+
+    a = module_memo(m, "_x", (3, *tensors_key(m.weight)), build)
+    assert module_memo(m, "_x", (3, *tensors_key(m.weight)), build) is a and len(calls) == 1
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    b = module_memo(m, "_x", (3, *tensors_key(m.weight)), build)
+    assert len(calls) == 2 and torch.equal(b, m.weight.detach() * 2)
+    module_memo(m, "_x", (4, *tensors_key(m.weight)), build)
+    assert len(calls) == 3 and m.__dict__["_x"][0][0] == 4
+    assert "_x" not in m.state_dict()
