@@ -15,6 +15,7 @@ import visionattn.kernels as _kernels
 __all__ = [
     "AutocastLayerNorm",
     "FoldedConvNormAct",
+    "clear_memos",
     "fold_bn",
     "fold_enabled",
     "inplace_act",
@@ -110,6 +111,10 @@ def tensors_key(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t._version, t.data_ptr()) for t in tensors if t is not None)
 
 
+# slot names module_memo has used, so clear_memos can find every memoised value
+_MEMO_SLOTS: set[str] = set()
+
+
 def module_memo(module: nn.Module, slot: str, key: tuple, build: Callable[[], Any]) -> Any:
     """``build()``, kept on ``module`` under ``slot`` and returned again while ``key`` is
     unchanged (one entry per slot). ``key`` should hold the sizes/dtype/device the value
@@ -120,8 +125,20 @@ def module_memo(module: nn.Module, slot: str, key: tuple, build: Callable[[], An
     if hit is not None and hit[0] == key:
         return hit[1]
     val = build()
+    _MEMO_SLOTS.add(slot)
     module.__dict__[slot] = (key, val)
     return val
+
+
+def clear_memos(model: nn.Module, recurse: bool = True) -> int:
+    """Drop every value :func:`module_memo` keeps on ``model`` (and its submodules); returns
+    how many. Needed when tensors change without their version counters moving, which is what
+    a replayed CUDA graph does to the parameters its optimizer step updates."""
+    n = 0
+    for m in model.modules() if recurse else (model,):
+        for slot in _MEMO_SLOTS:
+            n += m.__dict__.pop(slot, None) is not None
+    return n
 
 
 def fold_enabled(module: nn.Module) -> bool:
@@ -148,8 +165,6 @@ class FoldedConvNormAct(ConvNormAct):
     training and autograd take timm's path. The folded weights are cached per dtype while the
     conv and BN tensors are unchanged."""
 
-    _fold_cache: tuple | None = None
-
     @staticmethod
     def can_fold(m: nn.Module) -> bool:
         """A plain (static-padding) conv followed by an affine BatchNormAct2d with running
@@ -168,10 +183,12 @@ class FoldedConvNormAct(ConvNormAct):
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = (dtype, *tensors_key(*tensors))
-        if self._fold_cache is None or self._fold_cache[0] != key:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             w, b = fold_bn(conv.weight, bn, conv.bias)
-            self._fold_cache = (key, w.to(dtype), b.to(dtype))
-        return self._fold_cache[1], self._fold_cache[2]
+            return w.to(dtype), b.to(dtype)
+
+        return module_memo(self, "_fold_cache", key, build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CPU only: on the H200 (cuDNN, bf16, channels-last) the folded conv measured slower
@@ -188,7 +205,7 @@ class FoldedConvNormAct(ConvNormAct):
         return self.bn.act(self.bn.drop(x))
 
     def _apply(self, fn, *args, **kwargs):
-        self._fold_cache = None
+        clear_memos(self, recurse=False)
         return super()._apply(fn, *args, **kwargs)
 
 

@@ -46,7 +46,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
-from visionattn.backbones._layers import fold_bn, fold_enabled, module_memo, pointwise, tensors_key
+from visionattn.backbones._layers import (
+    clear_memos,
+    fold_bn,
+    fold_enabled,
+    module_memo,
+    pointwise,
+    tensors_key,
+)
 from visionattn.kernels import na2d
 
 # official family names visionattn.convert.from_official routes here
@@ -96,7 +103,6 @@ class ConvNorm(nn.Module):
             in_chs == out_chs and stride == 1 and ks % 2 == 1 and pad == ks // 2
             and groups in (1, in_chs)
         )  # fmt: skip
-        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def _apply_conv(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nchw_in: bool = False
@@ -124,8 +130,9 @@ class ConvNorm(nn.Module):
             self.bn.running_var,
         )
         key = (dtype, identity, *tensors_key(*tensors))
-        if self._folded is not None and self._folded[0] == key:
-            return self._folded[1], self._folded[2]
+        return module_memo(self, "_fold_cache", key, lambda: self._fold(dtype, identity))
+
+    def _fold(self, dtype: torch.dtype, identity: bool) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = fold_bn(self.conv.weight, self.bn)
         if identity:
             w = w.clone()
@@ -139,9 +146,7 @@ class ConvNorm(nn.Module):
             w = w.flatten(1)
         else:
             w = w.contiguous(memory_format=torch.channels_last)
-        w, b = w.to(dtype), b.to(dtype)
-        self._folded = (key, w, b)
-        return w, b
+        return w.to(dtype), b.to(dtype)
 
     def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
         """BatchNorm2d semantics on channels-last ``[..., C]``, as one flat ``[M, C]`` call."""
@@ -186,7 +191,7 @@ class ConvNorm(nn.Module):
         return x + y if identity else y
 
     def _apply(self, fn, *args, **kwargs):
-        self._folded = None
+        clear_memos(self, recurse=False)
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -313,7 +318,7 @@ class CascadedGroupAttention(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._index_cache = {}
-        self.__dict__.pop("_bias_cache", None)
+        clear_memos(self, recurse=False)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

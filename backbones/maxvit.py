@@ -67,6 +67,7 @@ from torch import nn
 from visionattn.backbones._convert import build_converted, head_classes
 from visionattn.backbones._layers import (
     AutocastLayerNorm,
+    clear_memos,
     fold_bn,
     fold_enabled,
     module_memo,
@@ -293,7 +294,6 @@ class MbConvBlock(nn.Module):
         )  # fmt: skip
         # the pre-norm folds into the 1x1 conv's input side only without an activation
         self._fold_pre = isinstance(self.pre_norm.act, nn.Identity)
-        self._fold_cache: tuple | None = None
 
     def init_weights(self) -> None:
         named_apply(_init_conv, self)
@@ -303,7 +303,8 @@ class MbConvBlock(nn.Module):
         mods = (self.pre_norm, self.conv1_1x1, self.norm1, self.conv2_kxk, self.norm2)
         tensors = [t for m in mods for t in (*m.parameters(False), *m.buffers(False))]
         key = (dtype, self._fold_pre, *tensors_key(*tensors))
-        if self._fold_cache is None or self._fold_cache[0] != key:
+
+        def build() -> tuple[torch.Tensor, ...]:
             c1, pre = self.conv1_1x1, self.pre_norm
             w1, b1 = c1.weight, c1.bias
             if self._fold_pre:
@@ -314,11 +315,12 @@ class MbConvBlock(nn.Module):
                 w1 = w1 * s0.view(1, -1, 1, 1)
             w1, b1 = fold_bn(w1, self.norm1, b1)
             w2, b2 = fold_bn(self.conv2_kxk.weight, self.norm2, self.conv2_kxk.bias)
-            self._fold_cache = (key, *(t.to(dtype) for t in (w1, b1, w2, b2)))
-        return self._fold_cache[1:]
+            return tuple(t.to(dtype) for t in (w1, b1, w2, b2))
+
+        return module_memo(self, "_fold_cache", key, build)
 
     def _apply(self, fn, *args, **kwargs):
-        self._fold_cache = None
+        clear_memos(self, recurse=False)
         return super()._apply(fn, *args, **kwargs)
 
     def _conv12_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +412,7 @@ class PartitionAttn(nn.Module):
         return module_memo(self, "_bias_cache", key, build)
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_bias_cache", None)
+        clear_memos(self, recurse=False)
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -154,3 +154,37 @@ def test_module_memo_reuses_until_the_key_changes() -> None:
     module_memo(m, "_x", (4, *tensors_key(m.weight)), build)
     assert len(calls) == 3 and m.__dict__["_x"][0][0] == 4
     assert "_x" not in m.state_dict()
+
+
+@pytest.mark.parametrize(
+    "name", ["test_va_efficientvit", "test_va_maxvit", "test_va_halonet", "test_agent_deit"]
+)
+def test_clear_memos_drops_values_a_silent_update_left_stale(name: str) -> None:
+    """A replayed CUDA graph updates parameters without moving their version counters; the
+    inference memos (fold caches, gathered biases, agent biases) then go stale until
+    clear_memos drops them, after which eval output equals the unmemoised path again."""
+    import timm
+
+    import visionattn  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        before = model(x)
+    held = sum(slot in m.__dict__ for m in model.modules() for slot in _layers._MEMO_SLOTS)
+    assert held > 0, "the eval forward memoised nothing"
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))  # .data: the version counter does not move
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data.mul_(1.1)
+    with torch.enable_grad():
+        fresh = model(x).detach()  # eval with autograd: no memo is read
+    assert not torch.allclose(before, fresh, atol=1e-4), "the update did not change the output"
+    with torch.no_grad():
+        stale = model(x)  # the memoised parts still hold the old weights
+    assert not torch.allclose(stale, fresh, atol=1e-4), "no memo went stale"
+    assert _layers.clear_memos(model) == held
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh, atol=1e-4, rtol=1e-4)
