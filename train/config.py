@@ -130,6 +130,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune"
+    cuda_graph: bool = False  # capture the training step once, replay it (train/graphed.py)
     cpu: bool = False  # force the CPU even when a GPU is present
 
     # --- run
@@ -467,6 +468,9 @@ def validate_config(cfg: TrainConfig) -> None:
     opt_name = cfg.opt.lower().split("_")[-1]
     if opt_name not in timm.optim.list_optimizers():
         raise ValueError(f"opt: {cfg.opt!r} is not a timm optimizer (timm.optim.list_optimizers())")
+    from visionattn.train.graphed import check_graph_config
+
+    check_graph_config(cfg)
     if cfg.sched not in SCHEDULES:
         raise ValueError(
             f"sched: must be one of {SCHEDULES} (stepped per optimizer update), got {cfg.sched!r}"

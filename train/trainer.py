@@ -47,6 +47,7 @@ from visionattn.train.data import (
     make_loader,
     sample_seed,
 )
+from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
 
 __all__ = ["RESUME_MUTABLE_KEYS", "build_model", "evaluate", "resolve_data", "train"]
 
@@ -339,6 +340,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from timm.utils import ModelEmaV3, adaptive_clip_grad
     from tqdm.auto import tqdm
 
+    from visionattn.backbones._layers import clear_memos
+
     validate_config(cfg)
     resume_state: dict[str, Any] | None = None
     if cfg.resume:
@@ -361,13 +364,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"checkpoint, {len(new)} now; differing: {diff or 'same names, other order'})"
         )
 
+    acc_kwargs: dict[str, Any] = {}
+    if cfg.cuda_graph:
+        from accelerate.utils import AutocastKwargs
+
+        # a cached weight cast would be made once at capture and outlive it
+        acc_kwargs["kwargs_handlers"] = [AutocastKwargs(cache_enabled=False)]
     accelerator = make_accelerator(
         mixed_precision=cfg.amp,
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=cfg.cpu,
         step_scheduler_with_optimizer=False,
+        **acc_kwargs,
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.cuda_graph and accelerator.device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs a CUDA device, running on {accelerator.device}")
+    if cfg.cuda_graph and world > 1:
+        raise ValueError(
+            f"cuda_graph: runs in one process (capturing DDP's gradient all-reduce is not "
+            f"supported), got {world} processes"
+        )
     is_main = accelerator.is_main_process
     set_seed(cfg.seed, device_specific=True)
 
@@ -422,6 +439,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt_kwargs["eps"] = cfg.opt_eps
     if cfg.opt_betas is not None:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
+    if cfg.cuda_graph:
+        opt_kwargs.update(graph_optimizer_kwargs(cfg.opt))
     optimizer = create_optimizer_v2(
         raw_model,
         opt=cfg.opt,
@@ -482,6 +501,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         loss_fn = nn.CrossEntropyLoss()
+
+    def clip_gradients() -> None:
+        if cfg.clip_grad is None:
+            return
+        if cfg.clip_mode == "norm":
+            accelerator.clip_grad_norm_(train_model.parameters(), cfg.clip_grad)
+        elif cfg.clip_mode == "value":
+            accelerator.clip_grad_value_(train_model.parameters(), cfg.clip_grad)
+        else:
+            accelerator.unscale_gradients()
+            adaptive_clip_grad(raw_model.parameters(), cfg.clip_grad)
+
+    graphed: GraphedTrainStep | None = None
+    if cfg.cuda_graph:
+        inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+
+        def graph_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            # the eager step below without accelerate's per-step bookkeeping (one process,
+            # no accumulation); everything here stays on the device
+            with accelerator.autocast():
+                loss = loss_fn(train_model(x), y)
+            loss.backward()
+            clip_gradients()
+            inner_optimizer.step()
+            return loss.detach()
+
+        graphed = GraphedTrainStep(graph_step, inner_optimizer)
 
     # ---- state that a checkpoint carries
     start_epoch, start_micro, num_updates = 0, 0, 0
@@ -662,28 +708,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 x, y = mixup_fn(x, y)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(train_model):
-                with accelerator.autocast():
-                    out = train_model(x)
-                    loss = loss_fn(out, y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad is not None:
-                    if cfg.clip_mode == "norm":
-                        accelerator.clip_grad_norm_(train_model.parameters(), cfg.clip_grad)
-                    elif cfg.clip_mode == "value":
-                        accelerator.clip_grad_value_(train_model.parameters(), cfg.clip_grad)
-                    else:
-                        accelerator.unscale_gradients()
-                        adaptive_clip_grad(raw_model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:
+                loss = graphed(x, y)
+            else:
+                with accelerator.accumulate(train_model):
+                    with accelerator.autocast():
+                        out = train_model(x)
+                        loss = loss_fn(out, y)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        clip_gradients()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             micro += 1
             loss_d = loss.detach().double()
             acc["epoch_loss"] += loss_d
             acc["interval_loss"] += loss_d
             acc["epoch_count"] += 1
             acc["interval_count"] += 1
-            if not accelerator.sync_gradients:
+            if graphed is None and not accelerator.sync_gradients:
                 continue
             num_updates += 1
             scheduler.step_update(num_updates=num_updates)
@@ -741,6 +784,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "epoch_time_s": train_time,
             "train_img_per_s": micro_per_epoch * cfg.batch_size * world / max(train_time, 1e-9),
         }
+        if graphed is not None:
+            # replayed optimizer steps leave the parameters' version counters alone, so
+            # inference memos keyed on them would serve the weights of the capture step
+            clear_memos(raw_model)
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             m = evaluate(eval_model, val_loader, accelerator, channels_last=cfg.channels_last)
             rec.update(val_loss=m["loss"], top1=m["top1"], top5=m["top5"])

@@ -1,0 +1,186 @@
+"""CUDA-graph training steps (``cuda_graph: true``): recipe checks everywhere, and on the GPU
+the captured step against the eager one, the trainer end to end and its exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionattn.train.checkpoint import load_checkpoint
+from visionattn.train.config import TrainConfig, validate_config
+from visionattn.train.graphed import GraphedTrainStep, check_graph_config, graph_optimizer_kwargs
+from visionattn.train.trainer import TIMING_FIELDS, train
+
+TINY = dict(
+    model="test_va_efficientvit",
+    data_dir=None,
+    digits_size=32,
+    img_size=32,
+    crop_pct=1.0,
+    hflip=0.0,
+    color_jitter=0.0,
+    workers=0,
+    batch_size=32,
+    epochs=2,
+    warmup_epochs=1,
+    lr=2e-3,
+    log_every=5,
+    progress=False,
+    tensorboard=False,
+    seed=5,
+    cuda_graph=True,
+)
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "output": str(tmp_path), **kw})
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(cpu=True), "cuda_graph: needs a CUDA device"),
+        (dict(grad_accum=2), "cuda_graph: needs grad_accum 1"),
+        (dict(amp="fp16"), "cuda_graph: needs amp 'no' or 'bf16'"),
+        (dict(compile=True), "cuda_graph: not with compile"),
+        (dict(opt="lamb"), "cuda_graph: opt must be one of"),
+    ],
+)
+def test_recipe_checks_name_the_key(tmp_path: Path, change: dict, match: str) -> None:
+    cfg = _cfg(tmp_path, **change)
+    with pytest.raises(ValueError, match=match):
+        check_graph_config(cfg)
+    if change != dict(amp="fp16") or torch.cuda.is_available():
+        with pytest.raises(ValueError, match=match):
+            validate_config(cfg)
+    check_graph_config(dataclasses.replace(cfg, cuda_graph=False))  # off: nothing to check
+
+
+def test_optimizer_kwargs_make_the_step_capturable() -> None:
+    from timm.optim import create_optimizer_v2
+
+    m = torch.nn.Linear(3, 3)
+    for opt, flag in (("adamw", "capturable"), ("adam", "capturable"), ("sgd", "fused")):
+        o = create_optimizer_v2(m, opt=opt, lr=0.1, **graph_optimizer_kwargs(opt))
+        assert o.defaults[flag] is True, opt
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_trainer_refuses_without_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cuda_graph: needs a CUDA device, running on cpu"):
+        train(_cfg(tmp_path, run_name="nogpu"))
+    assert not any(tmp_path.rglob("last.pt"))
+
+
+def test_step_refuses_cpu_tensors() -> None:
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    step = GraphedTrainStep(lambda x, y: m(x).sum(), opt)
+    with pytest.raises(ValueError, match="x: a captured step needs CUDA tensors"):
+        step(torch.randn(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match="warmup: must be >= 1"):
+        GraphedTrainStep(lambda x, y: m(x).sum(), opt, warmup=0)
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+def _run_steps(name: str, graphed: bool, opt: str, amp: bool, steps: int = 7) -> tuple:
+    """``steps`` AdamW/SGD steps with a changing learning rate, norm clipping and dropout-free
+    models, eager or through GraphedTrainStep; returns (losses, final state dict)."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    import visionattn  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda().train()
+    size = model.pretrained_cfg["input_size"]
+    optimizer = create_optimizer_v2(
+        model, opt=opt, lr=1e-3, weight_decay=0.05, **graph_optimizer_kwargs(opt)
+    )
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [
+        (
+            torch.randn(8, *size, device="cuda", generator=gen),
+            torch.randint(0, 10, (8,), device="cuda", generator=gen),
+        )
+        for _ in range(steps)
+    ]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    runner = GraphedTrainStep(step, optimizer, warmup=2) if graphed else None
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        for g in optimizer.param_groups:
+            g["lr"] = 1e-3 * (1.0 + i)  # what a scheduler does: a new float every step
+        if runner is None:
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step(x, y).clone())
+        else:
+            losses.append(runner(x, y).clone())
+    if runner is not None:
+        assert runner.captured and runner.calls == steps
+        assert all(isinstance(g["lr"], float) for g in optimizer.param_groups)
+    return torch.stack(losses).cpu(), {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name",
+    ["test_va_efficientvit", "test_agent_deit", "test_biformer", "test_nat", "test_litv2",
+     "test_va_maxvit", "test_va_halonet", "test_va_focalnet"],
+)  # fmt: skip
+@pytest.mark.parametrize("opt, amp", [("adamw", True), ("sgd", False)])
+def test_graphed_steps_equal_eager_steps(name: str, opt: str, amp: bool) -> None:
+    """Replays run the kernels the eager steps run, on the same tensors: the losses and the
+    trained weights agree (the learning rate changes every step, so a captured rate would
+    show)."""
+    le, se = _run_steps(name, False, opt, amp)
+    lg, sg = _run_steps(name, True, opt, amp)
+    assert le.isfinite().all()
+    torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-5)
+    for k in se:
+        torch.testing.assert_close(sg[k], se[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+@pytest.mark.gpu
+def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(tmp_path: Path) -> None:
+    from visionattn.train.validate import validate
+
+    kw = dict(amp="bf16", clip_grad=1.0, drop_rate=0.1, mixup=0.2)
+    full = train(_cfg(tmp_path, run_name="full", **kw))
+    run = Path(full["run_dir"])
+    # the recorded validation is the trained weights', not memos left from the capture step
+    final = full["final"]
+    res = validate(checkpoint=str(run / "last.safetensors"), batch_size=64, workers=0, amp="bf16")
+    assert res["top1"] == pytest.approx(final["top1"], abs=1e-9)
+    assert res["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+    part = train(_cfg(tmp_path, run_name="part", stop_after=5, **kw))
+    assert part["stopped_early"]
+    resumed = train(_cfg(tmp_path, run_name="part", resume=part["run_dir"], **kw))
+    a = load_checkpoint(run / "last.pt")
+    b = load_checkpoint(Path(resumed["run_dir"]) / "last.pt")
+    assert a["num_updates"] == b["num_updates"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _strip(a["history"]["epochs"]) == _strip(b["history"]["epochs"])
+
+    # the same recipe eagerly (non-capturable optimizer: other rounding, same training)
+    eager = train(_cfg(tmp_path, run_name="eager", cuda_graph=False, **kw))
+    assert eager["final"]["train_loss"] == pytest.approx(final["train_loss"], rel=0.02)
