@@ -10,10 +10,10 @@ replaying it removes the host from the step, so the replay rate measures the GPU
 
 For each ``impl:model`` entry, in one process, interleaved over ``--rounds``:
 
-* ``eager``: the usual step, ``torch.autocast(bf16)``, SGD with momentum;
-* ``graphed``: the same step captured once with ``torch.cuda.graph`` (PyTorch's whole-network
-  capture recipe: warm-up on a side stream, static input/target, autocast without its weight
-  cache, gradients kept allocated) and replayed; a replay must change the weights.
+* ``eager``: the usual step, ``torch.autocast(bf16)``, fused SGD with momentum;
+* ``graphed``: the same step through the trainer's ``GraphedTrainStep`` (what
+  ``visionattn train --cuda-graph`` runs: eager warm-up on a side stream, one capture, then
+  replays with the batch copied in); a replayed step must change the weights.
 
 ``impl`` is ``timm`` (timm's model of that name), ``ours`` (``va_<name>`` where visionattn
 registers a same-named drop-in, else ``<name>``) or ``official`` (the Agent-Attention code,
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import visionattn  # noqa: F401  (registers our models)
+from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -75,52 +76,48 @@ def _sync_time(fn: Callable[[], None], iters: int) -> float:
 
 
 class Trainer:
-    """One model's training step, run eagerly or captured once and replayed (one mode per
-    instance)."""
+    """One model's training step at a fixed batch, run eagerly or through the trainer's
+    :class:`~visionattn.train.graphed.GraphedTrainStep` (captured once, then replayed; the
+    batch is copied into the captured buffers and the learning rate refreshed on every call,
+    as in ``visionattn train --cuda-graph``). Fused SGD with momentum in both modes."""
 
-    def __init__(self, model: nn.Module, batch: int, size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, size: int, device: torch.device, graphed: bool
+    ) -> None:
         self.model = model.to(device).train()
         self.x = torch.randn(batch, 3, size, size, device=device)
         self.y = torch.randint(0, 1000, (batch,), device=device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=1e-4, momentum=0.9, **graph_optimizer_kwargs("momentum")
+        )
+        self.runner = GraphedTrainStep(self._step, self.opt) if graphed else None
+        self.loss = torch.zeros((), device=device)
 
-    def _step(self, cache: bool = True) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
-            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # a weight cast cached by autocast would outlive the capture
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self.runner is None):
+            loss = nn.functional.cross_entropy(self.model(x), y)
         loss.backward()
         self.opt.step()
-        return loss
+        return loss.detach()
 
-    def eager(self) -> None:
-        self._step()
-        self.opt.zero_grad(set_to_none=True)
+    def __call__(self) -> None:
+        if self.runner is None:
+            self.opt.zero_grad(set_to_none=True)
+            self.loss = self._step(self.x, self.y)
+        else:
+            self.loss = self.runner(self.x, self.y)
 
-    def capture(self) -> None:
-        # gradients stay allocated (zeroed in place) so the captured backward writes into the
-        # same buffers at every replay
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.opt.zero_grad(set_to_none=False)
-                self._step(cache=False)
-        torch.cuda.current_stream().wait_stream(side)
-        self.opt.zero_grad(set_to_none=False)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.opt.zero_grad(set_to_none=False)
-            self.loss = self._step(cache=False)
+    def warm_up(self) -> None:
+        """Eager steps, or the runner's warm-up and its capture."""
+        for _ in range(self.runner.warmup + 1 if self.runner is not None else 3):
+            self()
         torch.cuda.synchronize()
 
-    def graphed(self) -> None:
-        assert self.graph is not None
-        self.graph.replay()
-
-    def replay_changes_weights(self) -> bool:
+    def step_changes_weights(self) -> bool:
         p = next(p for p in self.model.parameters() if p.requires_grad)
         before = p.detach().clone()
-        self.graphed()
+        self()
         torch.cuda.synchronize()
         return bool(torch.isfinite(self.loss).item()) and not torch.equal(before, p.detach())
 
@@ -155,12 +152,14 @@ def main() -> None:
             models = [build(impl, name) for _ in range(2)]
             cfg = getattr(models[0], "pretrained_cfg", None) or {}
             size = cfg.get("input_size", (3, 224, 224))[-1]  # official models: 224
-            eager, graphed = (Trainer(m, args.batch, size, device) for m in models)
-            for _ in range(3):
-                eager.eager()
-            graphed.capture()
-            if not graphed.replay_changes_weights():
-                raise RuntimeError("a replay left the weights unchanged or the loss not finite")
+            eager, graphed = (
+                Trainer(m, args.batch, size, device, graphed=g)
+                for m, g in zip(models, (False, True))
+            )
+            for t in (eager, graphed):
+                t.warm_up()
+                if not t.step_changes_weights():
+                    raise RuntimeError("a step left the weights unchanged or the loss not finite")
             trainers[(impl, name)] = (eager, graphed)
         except Exception as e:  # keep the other entries
             errors[key] = f"{type(e).__name__}: {e}"
@@ -170,7 +169,7 @@ def main() -> None:
     rates: dict[tuple, dict[str, list[float]]] = {k: {"eager": [], "graphed": []} for k in trainers}
     for _ in range(args.rounds):
         for k, (eager, graphed) in trainers.items():
-            for mode, fn in (("eager", eager.eager), ("graphed", graphed.graphed)):
+            for mode, fn in (("eager", eager), ("graphed", graphed)):
                 sec = _sync_time(fn, args.iters)
                 rates[k][mode].append(args.batch / sec)
 
@@ -196,7 +195,8 @@ def main() -> None:
             batch=args.batch,
             iters=args.iters,
             rounds=args.rounds,
-            step="bf16 autocast forward + cross-entropy + backward + SGD(momentum) step",
+            step="bf16 autocast forward + cross-entropy + backward + fused SGD(momentum) step; "
+            "graphed = visionattn.train.graphed.GraphedTrainStep",
         ),
         results=results,
         errors=errors,
