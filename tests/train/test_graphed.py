@@ -89,10 +89,11 @@ def test_step_refuses_cpu_tensors() -> None:
 
 
 def _run_steps(name: str, graphed: bool, opt: str, amp: bool, steps: int = 7) -> tuple:
-    """``steps`` AdamW/SGD steps with a changing learning rate, norm clipping and dropout-free
-    models, eager or through GraphedTrainStep; returns (losses, final state dict)."""
+    """``steps`` AdamW (norm clipping) or SGD (adaptive clipping) steps with a changing
+    learning rate, all eager or replayed after 2 eager ones; returns (losses, state dict)."""
     import timm
     from timm.optim import create_optimizer_v2
+    from timm.utils import adaptive_clip_grad
 
     import visionattn  # noqa: F401
 
@@ -115,23 +116,23 @@ def _run_steps(name: str, graphed: bool, opt: str, amp: bool, steps: int = 7) ->
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if opt == "adamw":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:  # the EfficientViT recipe's adaptive clipping
+            adaptive_clip_grad(model.parameters(), 0.02)
         optimizer.step()
         return loss.detach()
 
-    runner = GraphedTrainStep(step, optimizer, warmup=2) if graphed else None
+    # the eager reference is the same runner never reaching capture: the same device-tensor
+    # learning rate (a Python-float rate rounds AdamW's update differently)
+    runner = GraphedTrainStep(step, optimizer, warmup=2 if graphed else steps + 1)
     losses = []
     for i, (x, y) in enumerate(batches):
         for g in optimizer.param_groups:
             g["lr"] = 1e-3 * (1.0 + i)  # what a scheduler does: a new float every step
-        if runner is None:
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step(x, y).clone())
-        else:
-            losses.append(runner(x, y).clone())
-    if runner is not None:
-        assert runner.captured and runner.calls == steps
-        assert all(isinstance(g["lr"], float) for g in optimizer.param_groups)
+        losses.append(runner(x, y).clone())
+    assert runner.captured == graphed and runner.calls == steps
+    assert all(isinstance(g["lr"], float) for g in optimizer.param_groups)
     return torch.stack(losses).cpu(), {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
