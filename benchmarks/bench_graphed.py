@@ -90,21 +90,23 @@ class Trainer:
         self.opt = torch.optim.SGD(
             self.model.parameters(), lr=1e-4, momentum=0.9, **graph_optimizer_kwargs("momentum")
         )
-        self.runner = GraphedTrainStep(self._step, self.opt) if graphed else None
+        self.runner = (
+            GraphedTrainStep(self._forward_backward, self.opt.step, self.opt) if graphed else None
+        )
         self.loss = torch.zeros((), device=device)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # a weight cast cached by autocast would outlive the capture
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self.runner is None):
             loss = nn.functional.cross_entropy(self.model(x), y)
         loss.backward()
-        self.opt.step()
         return loss.detach()
 
     def __call__(self) -> None:
         if self.runner is None:
             self.opt.zero_grad(set_to_none=True)
-            self.loss = self._step(self.x, self.y)
+            self.loss = self._forward_backward(self.x, self.y)
+            self.opt.step()
         else:
             self.loss = self.runner(self.x, self.y)
 

@@ -9,7 +9,10 @@ graph.
 
 What a captured step needs, checked by :func:`check_graph_config` and the trainer:
 
-* one CUDA process, no gradient accumulation, no ``torch.compile``;
+* CUDA, no gradient accumulation, no ``torch.compile``; with several processes there is no
+  DDP wrapper: backward fills one flat gradient buffer (:class:`FlatGradients`) and one
+  all-reduce averages it between two graphs (forward + backward, then clipping + update),
+  where rank 0's buffers are also broadcast (:func:`broadcast_buffers`);
 * ``amp`` "no" or "bf16" (fp16's loss scaler decides on the host whether to skip a step);
 * an optimizer whose step runs inside a graph with a learning rate that changes every step:
   Adam/AdamW with ``capturable=True`` or SGD with ``fused=True`` (:data:`GRAPH_OPTIMIZERS`),
@@ -25,12 +28,19 @@ where capture happened (a resumed run captures again after its own warm-up).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["GRAPH_OPTIMIZERS", "GraphedTrainStep", "check_graph_config", "graph_optimizer_kwargs"]
+__all__ = [
+    "GRAPH_OPTIMIZERS",
+    "FlatGradients",
+    "GraphedTrainStep",
+    "broadcast_buffers",
+    "check_graph_config",
+    "graph_optimizer_kwargs",
+]
 
 # timm optimizer name -> the constructor kwargs that make its step capturable with a tensor lr
 GRAPH_OPTIMIZERS: Mapping[str, Mapping[str, Any]] = {
@@ -73,13 +83,93 @@ def graph_optimizer_kwargs(opt: str) -> dict[str, Any]:
     return dict(GRAPH_OPTIMIZERS[_opt_name(opt)])
 
 
-class GraphedTrainStep:
-    """``step(x, y) -> loss`` run eagerly ``warmup`` times, then captured once and replayed.
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill exactly ``t.numel()`` consecutive slots in some dim order."""
+    expected = 1
+    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    ``step`` must do the whole micro-step: forward and loss under autocast with
-    ``cache_enabled=False`` (a cached weight cast would outlive the capture), ``backward``,
-    clipping and ``optimizer.step()``, with no host synchronisation. Gradients are set to None
-    before each eager step and before capture; replays overwrite them in place.
+
+class FlatGradients:
+    """The gradients of ``params`` as views into one flat buffer, so that one collective
+    averages all of them (what DDP's gradient buckets do, without DDP in the captured step).
+
+    The first :meth:`all_reduce` lays the buffer out over the parameters that got a gradient
+    (unused ones keep ``None``, so optimizers skip them as in eager training); from then on
+    :meth:`zero` clears it in place and backward accumulates into the views.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.flat: torch.Tensor | None = None
+
+    def zero(self) -> None:
+        if self.flat is None:
+            for p in self.params:
+                p.grad = None
+        else:
+            self.flat.zero_()
+
+    def _lay_out(self) -> torch.Tensor:
+        used = [p for p in self.params if p.grad is not None]
+        dtypes = {p.grad.dtype for p in used}
+        if len(dtypes) != 1:
+            raise ValueError(f"params: gradients of one dtype needed for one buffer, got {dtypes}")
+        flat = torch.empty(sum(p.numel() for p in used), dtype=dtypes.pop(), device=used[0].device)
+        offset = 0
+        for p in used:
+            n = p.numel()
+            # the param's own strides (e.g. channels-last convs) over a dense slice
+            view = flat[offset : offset + n].as_strided(p.shape, p.stride())
+            view.copy_(p.grad)
+            p.grad = view
+            offset += n
+        return flat
+
+    def all_reduce(self) -> None:
+        """Average the gradients over the default process group."""
+        import torch.distributed as dist
+
+        if self.flat is None:
+            for p in self.params:
+                if p.grad is not None and not _dense(p):
+                    raise ValueError("params: every parameter must be dense to share one buffer")
+            self.flat = self._lay_out()
+        dist.all_reduce(self.flat)  # a sum: gloo has no AVG
+        self.flat.div_(dist.get_world_size())
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every process takes rank ``src``'s buffers (BatchNorm statistics), one collective per
+    buffer dtype: what DDP does before each forward, here done once per step."""
+    import torch.distributed as dist
+
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault(b.dtype, []).append(b)
+    with torch.no_grad():
+        for bufs in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=src)
+            parts = flat.split([b.numel() for b in bufs])
+            torch._foreach_copy_(bufs, [t.view_as(b) for t, b in zip(parts, bufs, strict=True)])
+
+
+class GraphedTrainStep:
+    """A training micro-step run eagerly ``warmup`` times, then captured once and replayed.
+
+    ``forward_backward(x, y) -> loss`` runs forward and loss under autocast with
+    ``cache_enabled=False`` (a cached weight cast would outlive the capture) and ``backward``;
+    ``update()`` clips and steps the optimizer. Neither may synchronise with the host.
+
+    Without ``reduce`` the whole step is one graph and gradients are set to None before each
+    eager step and before capture (replays then overwrite them in place). With ``reduce`` (an
+    eager call between the two parts, e.g. :meth:`FlatGradients.all_reduce` across processes)
+    the parts are two graphs and ``forward_backward`` owns the gradients (zeroes them itself).
 
     Calling returns the loss tensor; after a replay it is the graph's output buffer, which
     the next call overwrites (read or accumulate it before then).
@@ -87,19 +177,23 @@ class GraphedTrainStep:
 
     def __init__(
         self,
-        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        update: Callable[[], None],
         optimizer: torch.optim.Optimizer,
         warmup: int = 3,
+        reduce: Callable[[], None] | None = None,
     ) -> None:
         if warmup < 1:
             raise ValueError(
                 f"warmup: must be >= 1 (optimizer state exists before capture), got {warmup}"
             )
-        self.step = step
+        self.forward_backward = forward_backward
+        self.update = update
+        self.reduce = reduce
         self.optimizer = optimizer
         self.warmup = warmup
         self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] = []
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
         self.static_loss: torch.Tensor | None = None
@@ -107,7 +201,7 @@ class GraphedTrainStep:
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        return bool(self.graphs)
 
     def _set_lr(self, device: torch.device) -> list[float]:
         """Point every group's ``lr`` at its device tensor, refreshed from the scheduler's
@@ -135,7 +229,7 @@ class GraphedTrainStep:
             raise ValueError(f"x: a captured step needs CUDA tensors, got {x.device}")
         lrs = self._set_lr(x.device)
         try:
-            if self.graph is None and self.calls < self.warmup:
+            if not self.graphs and self.calls < self.warmup:
                 loss = self._eager(x, y)
             else:
                 loss = self._replay(x, y)
@@ -144,23 +238,44 @@ class GraphedTrainStep:
         self.calls += 1
         return loss
 
-    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+    def _on_side_stream(self, fn: Callable[[], Any], device: torch.device) -> Any:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            loss = self.step(x, y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+            out = fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        return out
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.reduce is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = self._on_side_stream(lambda: self.forward_backward(x, y), x.device)
+        if self.reduce is not None:
+            self.reduce()
+        self._on_side_stream(self.update, x.device)
         return loss
 
-    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            self.static_x, self.static_y = x.clone(), y.clone()
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        if self.reduce is None:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.static_loss = self.step(self.static_x, self.static_y)
-            self.graph = graph  # capture records the work; the replay below runs it
+                self.static_loss = self.forward_backward(self.static_x, self.static_y)
+                self.update()
+            self.graphs = [graph]
+        else:
+            first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(first):
+                self.static_loss = self.forward_backward(self.static_x, self.static_y)
+            with torch.cuda.graph(second, pool=first.pool()):
+                self.update()
+            self.graphs = [first, second]
+        # capture records the work; the replay that follows runs it
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.graphs:
+            self._capture(x, y)
         else:
             for name, new, old in (("x", x, self.static_x), ("y", y, self.static_y)):
                 if new.shape != old.shape or new.dtype != old.dtype:
@@ -170,5 +285,8 @@ class GraphedTrainStep:
                     )
             self.static_x.copy_(x)
             self.static_y.copy_(y)
-        self.graph.replay()
+        self.graphs[0].replay()
+        if self.reduce is not None:
+            self.reduce()
+            self.graphs[1].replay()
         return self.static_loss

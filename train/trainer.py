@@ -47,7 +47,12 @@ from visionattn.train.data import (
     make_loader,
     sample_seed,
 )
-from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
+from visionattn.train.graphed import (
+    FlatGradients,
+    GraphedTrainStep,
+    broadcast_buffers,
+    graph_optimizer_kwargs,
+)
 
 __all__ = ["RESUME_MUTABLE_KEYS", "build_model", "evaluate", "resolve_data", "train"]
 
@@ -380,11 +385,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.cuda_graph and accelerator.device.type != "cuda":
         raise ValueError(f"cuda_graph: needs a CUDA device, running on {accelerator.device}")
-    if cfg.cuda_graph and world > 1:
-        raise ValueError(
-            f"cuda_graph: runs in one process (capturing DDP's gradient all-reduce is not "
-            f"supported), got {world} processes"
-        )
+    # several processes with cuda_graph: no DDP wrapper; the captured backward fills one flat
+    # gradient buffer that a single all-reduce averages between two captured graphs
+    graph_ddp = cfg.cuda_graph and world > 1
     is_main = accelerator.is_main_process
     set_seed(cfg.seed, device_specific=True)
 
@@ -468,7 +471,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     fwd_model: nn.Module = raw_model
     if cfg.compile:
         fwd_model = torch.compile(raw_model, mode=cfg.compile_mode)
-    train_model, optimizer = accelerator.prepare(fwd_model, optimizer)
+    if graph_ddp:
+        import torch.distributed as dist
+
+        raw_model.to(accelerator.device)
+        with torch.no_grad():  # DDP's start: every process from rank 0's weights
+            for t in (*raw_model.parameters(), *raw_model.buffers()):
+                dist.broadcast(t, src=0)
+        optimizer = accelerator.prepare(optimizer)
+        train_model = fwd_model
+    else:
+        train_model, optimizer = accelerator.prepare(fwd_model, optimizer)
     # validation runs on the un-wrapped module: DDP's buffer broadcast in forward would hang
     # when processes hold different numbers of validation batches
     eval_model = fwd_model
@@ -515,19 +528,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     graphed: GraphedTrainStep | None = None
     if cfg.cuda_graph:
+        # the eager step below without accelerate's per-step bookkeeping (no accumulation);
+        # everything captured stays on the device
         inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        flat_grads = FlatGradients(raw_model.parameters()) if graph_ddp else None
 
-        def graph_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            # the eager step below without accelerate's per-step bookkeeping (one process,
-            # no accumulation); everything here stays on the device
+        def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if flat_grads is not None:
+                flat_grads.zero()
             with accelerator.autocast():
                 loss = loss_fn(train_model(x), y)
             loss.backward()
-            clip_gradients()
-            inner_optimizer.step()
             return loss.detach()
 
-        graphed = GraphedTrainStep(graph_step, inner_optimizer)
+        def update() -> None:
+            clip_gradients()
+            inner_optimizer.step()
+
+        def reduce() -> None:
+            assert flat_grads is not None
+            flat_grads.all_reduce()
+            # every process keeps rank 0's BatchNorm statistics, as under DDP
+            broadcast_buffers(raw_model)
+
+        graphed = GraphedTrainStep(
+            forward_backward, update, inner_optimizer, reduce=reduce if graph_ddp else None
+        )
 
     # ---- state that a checkpoint carries
     start_epoch, start_micro, num_updates = 0, 0, 0

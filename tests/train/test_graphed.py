@@ -78,11 +78,65 @@ def test_trainer_refuses_without_a_gpu(tmp_path: Path) -> None:
 def test_step_refuses_cpu_tensors() -> None:
     m = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    step = GraphedTrainStep(lambda x, y: m(x).sum(), opt)
+    step = GraphedTrainStep(lambda x, y: m(x).sum(), opt.step, opt)
     with pytest.raises(ValueError, match="x: a captured step needs CUDA tensors"):
         step(torch.randn(2, 3), torch.zeros(2))
     with pytest.raises(ValueError, match="warmup: must be >= 1"):
-        GraphedTrainStep(lambda x, y: m(x).sum(), opt, warmup=0)
+        GraphedTrainStep(lambda x, y: m(x).sum(), opt.step, opt, warmup=0)
+
+
+def test_flat_gradients_share_one_buffer_and_average(tmp_path: Path) -> None:
+    """Gradients become views of one buffer (channels-last weights keep their strides, unused
+    parameters keep None); later backwards accumulate into it; the all-reduce averages."""
+    import torch.distributed as dist
+
+    from visionattn.train.graphed import FlatGradients
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    lin = torch.nn.Linear(4, 2)
+    unused = torch.nn.Parameter(torch.ones(3))
+    params = [*conv.parameters(), *lin.parameters(), unused]
+
+    def loss(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+        return lin(conv(x).mean((2, 3))).square().sum()
+
+    def backward(seed: int) -> list:
+        loss(seed).backward()
+        return [None if p.grad is None else p.grad.clone() for p in params]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        flat = FlatGradients(params)
+        flat.zero()
+        first = backward(0)
+        flat.all_reduce()
+        assert flat.flat is not None and flat.flat.numel() == sum(p.numel() for p in params[:-1])
+        assert unused.grad is None
+        lo = flat.flat.data_ptr()
+        hi = lo + flat.flat.numel() * flat.flat.element_size()
+        for p, g in zip(params[:-1], first[:-1], strict=True):
+            assert lo <= p.grad.data_ptr() < hi and p.grad.stride() == p.stride()
+            assert torch.equal(p.grad, g)
+        flat.zero()
+        assert all(p.grad is None or not p.grad.any() for p in params)
+        expected = torch.autograd.grad(loss(1), params[:-1])
+        backward(1)
+        flat.all_reduce()  # one process: the average is the gradient itself
+        for p, g in zip(params[:-1], expected, strict=True):
+            torch.testing.assert_close(p.grad, g)
+            assert lo <= p.grad.data_ptr() < hi
+
+        from visionattn.train.graphed import broadcast_buffers
+
+        bn = torch.nn.BatchNorm2d(4).train()
+        bn(torch.randn(2, 4, 3, 3))
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        broadcast_buffers(bn)  # float and int64 buffers, one group each; rank 0 keeps its own
+        assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -112,20 +166,24 @@ def _run_steps(name: str, graphed: bool, opt: str, amp: bool, steps: int = 7) ->
         for _ in range(steps)
     ]
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        return loss.detach()
+
+    def update() -> None:
         if opt == "adamw":
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         else:  # the EfficientViT recipe's adaptive clipping
             adaptive_clip_grad(model.parameters(), 0.02)
         optimizer.step()
-        return loss.detach()
 
     # the eager reference is the same runner never reaching capture: the same device-tensor
     # learning rate (a Python-float rate rounds AdamW's update differently)
-    runner = GraphedTrainStep(step, optimizer, warmup=2 if graphed else steps + 1)
+    runner = GraphedTrainStep(
+        forward_backward, update, optimizer, warmup=2 if graphed else steps + 1
+    )
     losses = []
     for i, (x, y) in enumerate(batches):
         for g in optimizer.param_groups:
@@ -185,3 +243,46 @@ def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(tmp_pat
     # the same recipe eagerly (non-capturable optimizer: other rounding, same training)
     eager = train(_cfg(tmp_path, run_name="eager", cuda_graph=False, **kw))
     assert eager["final"]["train_loss"] == pytest.approx(final["train_loss"], rel=0.02)
+
+
+ARGS_2GPU = (
+    "--model test_va_efficientvit --digits-size 32 --img-size 32 --crop-pct 1.0 --hflip 0 "
+    "--color-jitter 0 --batch-size 32 --epochs 2 --warmup-epochs 1 --lr 2e-3 --workers 0 "
+    "--amp bf16 --clip-grad 1.0 --drop-rate 0.1 --mixup 0.2 --ema --ema-decay 0.9 "
+    "--log-every 5 --no-progress --no-tensorboard"
+).split()
+
+
+def _launch(*argv: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, "-m", "visionattn.train", *argv], check=True, env=env, timeout=600)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(tmp_path: Path) -> None:
+    """Two processes, no DDP wrapper: flat gradients averaged between the two graphs, rank 0's
+    buffers broadcast; a stopped and resumed run ends bit-identical, and an eager DDP run of
+    the same recipe lands on the same training loss."""
+    graph = [*ARGS_2GPU, "--cuda-graph", "--output", str(tmp_path)]
+    _launch(*graph, "--run-name", "full")
+    _launch(*graph, "--run-name", "part", "--stop-after", "5")
+    _launch("--resume", str(tmp_path / "part"))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert a["world_size"] == b["world_size"] == 2 and a["num_updates"] == b["num_updates"]
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert _strip(a["history"]["epochs"]) == _strip(b["history"]["epochs"])
+
+    _launch(*ARGS_2GPU, "--output", str(tmp_path), "--run-name", "ddp")
+    d = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    ga, gd = a["history"]["epochs"][-1], d["history"]["epochs"][-1]
+    assert ga["train_loss"] == pytest.approx(gd["train_loss"], rel=0.03)
+    assert abs(ga["top1"] - gd["top1"]) < 5.0
