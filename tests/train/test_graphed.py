@@ -286,3 +286,65 @@ def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(tmp_path: Path) -> N
     ga, gd = a["history"]["epochs"][-1], d["history"]["epochs"][-1]
     assert ga["train_loss"] == pytest.approx(gd["train_loss"], rel=0.03)
     assert abs(ga["top1"] - gd["top1"]) < 5.0
+
+
+def _gloo_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from visionattn.train.graphed import FlatGradients, broadcast_buffers
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 5),
+        ).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **graph_optimizer_kwargs("adamw"))
+        flat = FlatGradients(model.parameters())
+
+        def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            flat.zero()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss.detach()
+
+        def reduce() -> None:
+            flat.all_reduce()
+            broadcast_buffers(model)
+
+        steps = 6
+        runner = GraphedTrainStep(
+            forward_backward, opt.step, opt, warmup=2 if graphed else steps + 1, reduce=reduce
+        )
+        gen = torch.Generator(device="cuda").manual_seed(100 + rank)  # each rank its own data
+        for i in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 / (1 + i)
+            x = torch.randn(4, 3, 8, 8, device="cuda", generator=gen)
+            y = torch.randint(0, 5, (4,), device="cuda", generator=gen)
+            runner(x, y)
+        assert runner.captured == graphed
+        results[graphed] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_two_process_graphed_step_on_one_gpu(tmp_path: Path) -> None:
+    """The distributed path's mechanics (two graphs, eager all-reduce of the flat gradients
+    and buffer broadcast between them) on one GPU with two gloo processes: replays equal the
+    eager steps, and both ranks hold the same weights and BatchNorm statistics."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.{r}") for r in range(2))
+    for k in r0[True]:
+        torch.testing.assert_close(r0[True][k], r0[False][k], rtol=1e-5, atol=1e-6, msg=k)
+        assert torch.equal(r0[True][k], r1[True][k]), k
