@@ -288,49 +288,50 @@ def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(tmp_path: Path) -> N
     assert abs(ga["top1"] - gd["top1"]) < 5.0
 
 
+def _gloo_run(rank: int, graphed: bool, steps: int = 6) -> dict:
+    from visionattn.train.graphed import FlatGradients, broadcast_buffers
+
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    ).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **graph_optimizer_kwargs("adamw"))
+    flat = FlatGradients(model.parameters())
+
+    def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        flat.zero()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def reduce() -> None:
+        flat.all_reduce()
+        broadcast_buffers(model)
+
+    runner = GraphedTrainStep(
+        forward_backward, opt.step, opt, warmup=2 if graphed else steps + 1, reduce=reduce
+    )
+    gen = torch.Generator(device="cuda").manual_seed(100 + rank)  # each rank its own data
+    for i in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 / (1 + i)
+        x = torch.randn(4, 3, 8, 8, device="cuda", generator=gen)
+        y = torch.randint(0, 5, (4,), device="cuda", generator=gen)
+        runner(x, y)
+    assert runner.captured == graphed
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def _gloo_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from visionattn.train.graphed import FlatGradients, broadcast_buffers
-
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    results = {}
-    for graphed in (False, True):
-        torch.manual_seed(0)  # the same initial weights on both ranks
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1),
-            torch.nn.BatchNorm2d(8),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-            torch.nn.Linear(8, 5),
-        ).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **graph_optimizer_kwargs("adamw"))
-        flat = FlatGradients(model.parameters())
-
-        def forward_backward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            flat.zero()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss.detach()
-
-        def reduce() -> None:
-            flat.all_reduce()
-            broadcast_buffers(model)
-
-        steps = 6
-        runner = GraphedTrainStep(
-            forward_backward, opt.step, opt, warmup=2 if graphed else steps + 1, reduce=reduce
-        )
-        gen = torch.Generator(device="cuda").manual_seed(100 + rank)  # each rank its own data
-        for i in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = 1e-2 / (1 + i)
-            x = torch.randn(4, 3, 8, 8, device="cuda", generator=gen)
-            y = torch.randint(0, 5, (4,), device="cuda", generator=gen)
-            runner(x, y)
-        assert runner.captured == graphed
-        results[graphed] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    results = {graphed: _gloo_run(rank, graphed) for graphed in (False, True)}
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
