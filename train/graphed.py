@@ -52,6 +52,11 @@ GRAPH_OPTIMIZERS: Mapping[str, Mapping[str, Any]] = {
 }
 
 
+# The DataLoader's pin-memory thread allocates page-locked memory while the main thread
+# captures; in the default "global" mode any thread's such call invalidates the capture.
+_CAPTURE_MODE = "thread_local"
+
+
 def _opt_name(opt: str) -> str:
     return opt.lower().split("_")[-1]
 
@@ -260,15 +265,15 @@ class GraphedTrainStep:
         if self.reduce is None:
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=_CAPTURE_MODE):
                 self.static_loss = self.forward_backward(self.static_x, self.static_y)
                 self.update()
             self.graphs = [graph]
         else:
             first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(first):
+            with torch.cuda.graph(first, capture_error_mode=_CAPTURE_MODE):
                 self.static_loss = self.forward_backward(self.static_x, self.static_y)
-            with torch.cuda.graph(second, pool=first.pool()):
+            with torch.cuda.graph(second, pool=first.pool(), capture_error_mode=_CAPTURE_MODE):
                 self.update()
             self.graphs = [first, second]
         # capture records the work; the replay that follows runs it

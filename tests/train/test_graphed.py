@@ -221,7 +221,8 @@ def _strip(rows: list[dict]) -> list[dict]:
 def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(tmp_path: Path) -> None:
     from visionattn.train.validate import validate
 
-    kw = dict(amp="bf16", clip_grad=1.0, drop_rate=0.1, mixup=0.2)
+    # loader workers + pinned memory: a pin-memory thread runs beside the capture
+    kw = dict(amp="bf16", clip_grad=1.0, drop_rate=0.1, mixup=0.2, workers=2, pin_memory=True)
     full = train(_cfg(tmp_path, run_name="full", **kw))
     run = Path(full["run_dir"])
     # the recorded validation is the trained weights', not memos left from the capture step
