@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from visionattn.train.graphed import WARMUP_STEPS
+
 __all__ = ["bench_model", "bench_models", "bench_models_main", "format_table"]
 
 _DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +52,10 @@ def _make_step(
     autocast: Any,
     use_scaler: bool,
     dev: torch.device,
+    cuda_graph: bool = False,
 ) -> Any:
-    """One benchmark iteration for ``mode`` as a closure."""
+    """One benchmark iteration for ``mode`` as a closure (``cuda_graph``: training through the
+    trainer's :class:`~visionattn.train.graphed.GraphedTrainStep`)."""
     if mode == "infer":
         model.eval()
 
@@ -61,6 +65,21 @@ def _make_step(
 
         return infer_step
     model.train()
+    if cuda_graph:
+        from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
+
+        opt = torch.optim.SGD(
+            model.parameters(), lr=1e-4, momentum=0.9, **graph_optimizer_kwargs("momentum")
+        )
+
+        def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            with autocast(cache_enabled=False):
+                loss = torch.nn.functional.cross_entropy(fwd(xb), yb)
+            loss.backward()
+            return loss.detach()
+
+        runner = GraphedTrainStep(forward_backward, opt.step, opt)
+        return lambda: runner(x, y)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
 
@@ -88,10 +107,13 @@ def bench_model(
     modes: tuple[str, ...] = ("infer", "train"),
     device: str | torch.device | None = None,
     grad_checkpointing: bool = False,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Measure one model; returns a row with ``<mode>_img_per_s``/``<mode>_peak_mib``.
 
-    A mode that runs out of memory records ``"<mode>_error": "OOM"`` instead of failing.
+    ``cuda_graph`` times training as ``visionattn train --cuda-graph`` runs it (captured
+    once after the warm-up, then replayed). A mode that runs out of memory records
+    ``"<mode>_error": "OOM"`` instead of failing.
     """
     import timm
 
@@ -109,6 +131,11 @@ def bench_model(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
+    if cuda_graph and (dev.type != "cuda" or amp == "fp16" or compile):
+        raise ValueError(
+            f"cuda_graph: needs a CUDA device, amp 'no' or 'bf16' and no compile (device "
+            f"{dev.type}, amp {amp!r}, compile {compile})"
+        )
     model = timm.create_model(name)
     if img_size is None:
         img_size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
@@ -120,6 +147,7 @@ def bench_model(
         "amp": amp,
         "compile": compile,
         "channels_last": channels_last,
+        "cuda_graph": cuda_graph,
     }
     model = model.to(dev)
     if channels_last:
@@ -133,15 +161,21 @@ def bench_model(
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, model.num_classes or 1, (batch_size,), generator=g).to(dev)
     dtype = _DTYPES[amp]
-    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else nullcontext
+
+    def autocast(cache_enabled: bool = True) -> Any:
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(dev.type, dtype=dtype, cache_enabled=cache_enabled)
 
     for mode in modes:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            step = _make_step(mode, model, fwd, x, y, autocast, amp == "fp16", dev)
-            secs = _timed(step, steps, warmup, dev)
+            graphed = cuda_graph and mode == "train"
+            step = _make_step(mode, model, fwd, x, y, autocast, amp == "fp16", dev, graphed)
+            # the graphed step's eager warm-up and capture stay out of the timing
+            secs = _timed(step, steps, max(warmup, WARMUP_STEPS + 1) if graphed else warmup, dev)
             row[f"{mode}_img_per_s"] = batch_size * steps / secs
             row[f"{mode}_ms_per_step"] = 1e3 * secs / steps
             row[f"{mode}_peak_mib"] = (
@@ -238,6 +272,11 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time training captured once and replayed (as `visionattn train --cuda-graph`)",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--modes", default="infer,train", help="comma list of infer,train")
@@ -264,6 +303,7 @@ def bench_models_main(argv: list[str] | None = None) -> int:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,
+        "cuda_graph": args.cuda_graph,
         "steps": args.steps,
         "warmup": args.warmup,
         "modes": list(modes),
@@ -281,6 +321,7 @@ def bench_models_main(argv: list[str] | None = None) -> int:
             modes=modes,
             device=dev,
             grad_checkpointing=args.grad_checkpointing,
+            cuda_graph=args.cuda_graph,
         )
     except ValueError as e:
         print(f"visionattn bench models: error: {e}", file=sys.stderr)

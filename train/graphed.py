@@ -35,6 +35,7 @@ import torch
 
 __all__ = [
     "GRAPH_OPTIMIZERS",
+    "WARMUP_STEPS",
     "FlatGradients",
     "GraphedTrainStep",
     "broadcast_buffers",
@@ -51,6 +52,9 @@ GRAPH_OPTIMIZERS: Mapping[str, Mapping[str, Any]] = {
     "nesterov": {"fused": True},
 }
 
+
+# eager steps before the capture (optimizer state, kernel compilation, allocator warm-up)
+WARMUP_STEPS = 3
 
 # The DataLoader's pin-memory thread allocates page-locked memory while the main thread
 # captures; in the default "global" mode any thread's such call invalidates the capture.
@@ -185,7 +189,7 @@ class GraphedTrainStep:
         forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         update: Callable[[], None],
         optimizer: torch.optim.Optimizer,
-        warmup: int = 3,
+        warmup: int = WARMUP_STEPS,
         reduce: Callable[[], None] | None = None,
     ) -> None:
         if warmup < 1:

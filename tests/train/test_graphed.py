@@ -350,3 +350,20 @@ def test_two_process_graphed_step_on_one_gpu(tmp_path: Path) -> None:
     for k in r0[True]:
         torch.testing.assert_close(r0[True][k], r0[False][k], rtol=1e-5, atol=1e-6, msg=k)
         assert torch.equal(r0[True][k], r1[True][k]), k
+
+
+def test_bench_models_cuda_graph_refusals(capsys) -> None:
+    from visionattn.train.bench import bench_models_main
+
+    argv = ["test_nat", "--batch-size", "2", "--steps", "1", "--cuda-graph"]
+    assert bench_models_main([*argv, "--device", "cpu"]) == 2
+    assert "cuda_graph: needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_models_cuda_graph_row(tmp_path: Path) -> None:
+    from visionattn.train.bench import bench_model
+
+    row = bench_model("test_va_efficientvit", batch_size=8, steps=3, warmup=0, cuda_graph=True)
+    assert row["cuda_graph"] and row["train_img_per_s"] > 0 and row["infer_img_per_s"] > 0
+    assert "train_error" not in row
