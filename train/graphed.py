@@ -80,6 +80,11 @@ def check_graph_config(cfg: Any) -> None:
         )
     if cfg.compile:
         raise ValueError("cuda_graph: not with compile (use compile_mode 'reduce-overhead')")
+    if cfg.grad_checkpointing:
+        raise ValueError(
+            "cuda_graph: not with grad_checkpointing (not supported: its recomputation saves "
+            "and restores the CUDA RNG state inside the captured step)"
+        )
     if _opt_name(cfg.opt) not in GRAPH_OPTIMIZERS:
         raise ValueError(
             f"cuda_graph: opt must be one of {sorted(GRAPH_OPTIMIZERS)} (a step that runs "

@@ -46,6 +46,7 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
         (dict(grad_accum=2), "cuda_graph: needs grad_accum 1"),
         (dict(amp="fp16"), "cuda_graph: needs amp 'no' or 'bf16'"),
         (dict(compile=True), "cuda_graph: not with compile"),
+        (dict(grad_checkpointing=True), "cuda_graph: not with grad_checkpointing"),
         (dict(opt="lamb"), "cuda_graph: opt must be one of"),
     ],
 )
