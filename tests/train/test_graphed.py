@@ -209,9 +209,16 @@ def test_graphed_steps_equal_eager_steps(name: str, opt: str, amp: bool) -> None
     le, se = _run_steps(name, False, opt, amp)
     lg, sg = _run_steps(name, True, opt, amp)
     assert le.isfinite().all()
-    torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-5)
+    # fp32 + SGD: equal to rounding. bf16 + AdamW: some backward kernels accumulate with
+    # atomics (torchvision's deform conv, index_add_ of bias gradients), so even two eager runs
+    # can differ in the last bit; bf16 casts turn that into 1-ulp loss differences, and
+    # AdamW's normalised update moves a weight whose gradient is ~0 by up to ~lr either way.
+    tol = dict(rtol=1e-5, atol=1e-5) if not amp else dict(rtol=0.0, atol=1e-2)
+    torch.testing.assert_close(lg, le, **tol)
     for k in se:
-        torch.testing.assert_close(sg[k], se[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(
+            sg[k], se[k], **(tol if not amp else dict(rtol=0.0, atol=2.5e-2)), msg=k
+        )
 
 
 def _strip(rows: list[dict]) -> list[dict]:
