@@ -244,7 +244,7 @@ def _routed_fwd_heads_kernel(
     N_MBLK,
     STORE_LSE: tl.constexpr, HB: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # The forward above for HB heads at once (3-D tensors [HB, rows, ...], batched tl.dot):
     # small tiles give a program little work, so its few loads wait alone; HB heads issue HB
@@ -300,16 +300,6 @@ def _routed_fwd_heads_kernel(
             mask=hn_ok[:, None, :] & d_ok[None, :, None],
             other=0.0,
         )  # [HB, D, N]
-        v_ptrs = (
-            V
-            + b * svb
-            + (hh[:, None] * svn + ky * svh + kx * svw)[:, :, None]
-            + offs_dv[None, None, :] * svd
-        )
-        v_mask = hn_ok[:, :, None] & dv_ok[None, None, :]
-        if EARLY_V:
-            # issued beside the key gather, so both wait on memory together
-            vb = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [HB, N, DV]
         s = _dot(q, kt, PREC, UPCAST) * qk_scale  # [HB, M, N]
         ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # [M, N], block-diagonal when packed
         s = tl.where(ok[None, :, :], s, float("-inf"))
@@ -317,8 +307,14 @@ def _routed_fwd_heads_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
-        if not EARLY_V:
-            vb = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [HB, N, DV]
+        vb = tl.load(
+            V
+            + b * svb
+            + (hh[:, None] * svn + ky * svh + kx * svw)[:, :, None]
+            + offs_dv[None, None, :] * svd,
+            mask=hn_ok[:, :, None] & dv_ok[None, None, :],
+            other=0.0,
+        )  # [HB, N, DV]
         acc = acc * alpha[:, :, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
         m_i = m_new
 
@@ -634,7 +630,6 @@ TUNE: dict[str, int] = dict(
     warps=4,
     small_warps=2,
     index_in_kernel=512,
-    fwd_early_v=0,
 )
 
 
@@ -750,7 +745,7 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
             heads, n_hblk, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
             scale * _LOG2E, n_mblk,
             need_lse, hb, pack, block_m, block_nt, *_head_blocks(d, dv),
-            _prec(q.dtype), _upcast(q.dtype), bool(TUNE["fwd_early_v"]),
+            _prec(q.dtype), _upcast(q.dtype),
         )  # fmt: skip
         grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
         warps = (_warps(block_m * hb), TUNE["fwd_stages"])

@@ -165,7 +165,6 @@ def test_interpreted_sweep(interp, shard):
         dict(fwd_rows=32, dq_rows=16, index_in_kernel=0),
         dict(fwd_rows=8, fwd_heads=1, fwd_cols=16),
         dict(fwd_rows=128, fwd_heads=4, fwd_head_rows=512, fwd_cols=128),
-        dict(fwd_rows=16, fwd_heads=2, fwd_head_rows=32, fwd_cols=64, fwd_early_v=1),
     ],
 )
 def test_interpreted_other_packings(interp, monkeypatch, tune):
