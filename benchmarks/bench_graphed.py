@@ -17,7 +17,7 @@ For each ``impl:model`` entry, in one process, interleaved over ``--rounds``:
 
 ``impl`` is ``timm`` (timm's model of that name), ``ours`` (``va_<name>`` where visionattn
 registers a same-named drop-in, else ``<name>``) or ``official`` (the Agent-Attention code,
-see ``bench_agent.py``). Both implementations get the same recipe: the graphed column is the
+see ``bench_agent.py`` and ``bench_litv2.py``). Both implementations get the same recipe: the graphed column is the
 remedy any user of either can apply, and the ratio between the graphed rates is the one the
 kernels decide.
 
@@ -46,6 +46,7 @@ from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_agent  # noqa: E402  (the official Agent builders and the commit lookup)
+import bench_litv2  # noqa: E402  (the official LITv2 builder)
 
 DEFAULT_RUNS = (
     "timm:efficientvit_m5,ours:efficientvit_m5,"
@@ -61,6 +62,8 @@ def build(impl: str, name: str) -> nn.Module:
     if impl == "ours":
         return timm.create_model(f"va_{name}" if timm.is_model(f"va_{name}") else name)
     if impl == "official":
+        if name.startswith("litv2"):
+            return bench_litv2.build("official", name)
         return bench_agent.build("official", name)
     raise ValueError(f"impl: must be timm, ours or official, got {impl!r}")
 
