@@ -16,10 +16,10 @@ For each ``impl:model`` entry, in one process, interleaved over ``--rounds``:
   replays with the batch copied in); a replayed step must change the weights.
 
 ``impl`` is ``timm`` (timm's model of that name), ``ours`` (``va_<name>`` where visionattn
-registers a same-named drop-in, else ``<name>``) or ``official`` (the Agent-Attention code,
-see ``bench_agent.py`` and ``bench_litv2.py``). Both implementations get the same recipe: the graphed column is the
-remedy any user of either can apply, and the ratio between the graphed rates is the one the
-kernels decide.
+registers a same-named drop-in, else ``<name>``) or ``official`` (the Agent-Attention or
+LITv2 code, see ``bench_agent.py`` and ``bench_litv2.py``). Both implementations get the same
+recipe: the graphed column is the remedy any user of either can apply, and the ratio between
+the graphed rates is the one the kernels decide.
 
     source tools/gpu_env.sh; python3 benchmarks/bench_graphed.py --out-dir $OUT
 
