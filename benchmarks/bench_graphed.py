@@ -119,12 +119,17 @@ class Trainer:
             self()
         torch.cuda.synchronize()
 
-    def step_changes_weights(self) -> bool:
-        p = next(p for p in self.model.parameters() if p.requires_grad)
-        before = p.detach().clone()
+    def step_check(self) -> str:
+        """'' when one more step leaves a finite loss and moves the weights, else why not."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
         self()
         torch.cuda.synchronize()
-        return bool(torch.isfinite(self.loss).item()) and not torch.equal(before, p.detach())
+        if not bool(torch.isfinite(self.loss).item()):
+            return f"loss not finite ({self.loss.item()})"
+        if all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)):
+            return "no weight changed"
+        return ""
 
 
 def main() -> None:
@@ -161,10 +166,11 @@ def main() -> None:
                 Trainer(m, args.batch, size, device, graphed=g)
                 for m, g in zip(models, (False, True))
             )
-            for t in (eager, graphed):
+            for mode, t in (("eager", eager), ("graphed", graphed)):
                 t.warm_up()
-                if not t.step_changes_weights():
-                    raise RuntimeError("a step left the weights unchanged or the loss not finite")
+                bad = t.step_check()
+                if bad:
+                    raise RuntimeError(f"{mode} step: {bad}")
             trainers[(impl, name)] = (eager, graphed)
         except Exception as e:  # keep the other entries
             errors[key] = f"{type(e).__name__}: {e}"
