@@ -23,7 +23,8 @@ What a captured step needs, checked by :func:`check_graph_config` and the traine
 The first ``warmup`` steps run eagerly on a side stream (real training steps: they create the
 optimizer state and compile the kernels); the next one is captured and replayed. Eager and
 replayed steps run the same kernels on the same tensors, so a run's numbers do not depend on
-where capture happened (a resumed run captures again after its own warm-up).
+where capture happened (a resumed run captures again after its own warm-up), up to kernels
+that are nondeterministic in eager runs too (atomic accumulation in some backward passes).
 """
 
 from __future__ import annotations
