@@ -4,9 +4,6 @@ uninterrupted one bit for bit. Slow (three two-process launches): VISIONATTN_SLO
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,13 @@ ARGS = (
 ).split()
 
 
-def _launch(*argv: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*cmd, "-m", "visionattn.train", *argv], check=True, env=env, timeout=600)
-
-
 @pytest.mark.slow
-def test_two_process_resume_is_exact(tmp_path: Path) -> None:
-    _launch(*ARGS, "--output", str(tmp_path), "--run-name", "full")
-    _launch(*ARGS, "--output", str(tmp_path), "--run-name", "part", "--stop-after", "5")
-    _launch("--resume", str(tmp_path / "part"))
+def test_two_process_resume_is_exact(tmp_path: Path, launch_two_processes) -> None:
+    launch_two_processes(*ARGS, "--output", str(tmp_path), "--run-name", "full")
+    launch_two_processes(
+        *ARGS, "--output", str(tmp_path), "--run-name", "part", "--stop-after", "5"
+    )
+    launch_two_processes("--resume", str(tmp_path / "part"))
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
     assert a["world_size"] == b["world_size"] == 2 and a["num_updates"] == b["num_updates"]

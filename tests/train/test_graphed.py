@@ -270,26 +270,18 @@ ARGS_2GPU = (
 ).split()
 
 
-def _launch(*argv: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*cmd, "-m", "visionattn.train", *argv], check=True, env=env, timeout=600)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(tmp_path: Path) -> None:
+def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(
+    tmp_path: Path, launch_two_processes
+) -> None:
     """Two processes, no DDP wrapper: flat gradients averaged between the two graphs, rank 0's
     buffers broadcast; a stopped and resumed run ends bit-identical, and an eager DDP run of
     the same recipe lands on the same training loss."""
     graph = [*ARGS_2GPU, "--cuda-graph", "--output", str(tmp_path)]
-    _launch(*graph, "--run-name", "full")
-    _launch(*graph, "--run-name", "part", "--stop-after", "5")
-    _launch("--resume", str(tmp_path / "part"))
+    launch_two_processes(*graph, "--run-name", "full")
+    launch_two_processes(*graph, "--run-name", "part", "--stop-after", "5")
+    launch_two_processes("--resume", str(tmp_path / "part"))
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
     assert a["world_size"] == b["world_size"] == 2 and a["num_updates"] == b["num_updates"]
@@ -298,7 +290,7 @@ def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(tmp_path: Path) -> N
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert _strip(a["history"]["epochs"]) == _strip(b["history"]["epochs"])
 
-    _launch(*ARGS_2GPU, "--output", str(tmp_path), "--run-name", "ddp")
+    launch_two_processes(*ARGS_2GPU, "--output", str(tmp_path), "--run-name", "ddp")
     d = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     ga, gd = a["history"]["epochs"][-1], d["history"]["epochs"][-1]
     assert ga["train_loss"] == pytest.approx(gd["train_loss"], rel=0.03)
