@@ -407,10 +407,15 @@ def map_biases(
     query_size: Sequence[int],
     dtype: torch.dtype,
     agent_shape: Sequence[int] | None = None,
+    class_token: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(agent -> key [heads, A, Nk], query -> agent [heads, Nq, A])`` biases of a module
     holding the six :func:`init_agent_biases` tables, in ``dtype``, with the agent axis resized
     from the module's ``grid`` to ``agent_shape`` when given; memoised in eval (:func:`eval_memo`).
+
+    ``class_token``: a class token leads the tokens; the module's ``ac_bias [1, heads, A, 1]``
+    (agents -> class key) and ``ca_bias [1, heads, 1, A]`` (class query -> agents) come first
+    along the token axis (Agent-DeiT).
     """
     m = module
 
@@ -421,6 +426,9 @@ def map_biases(
             if agent_shape is not None:
                 kb = resize_agent_axis(kb, 1, m.grid, agent_shape)
                 qb = resize_agent_axis(qb, 2, m.grid, agent_shape)
+            if class_token:
+                kb = torch.cat([m.ac_bias[0], kb], dim=-1)
+                qb = torch.cat([m.ca_bias[0], qb], dim=-2)
         return kb.to(dtype), qb.to(dtype)
 
     key = (
@@ -428,8 +436,11 @@ def map_biases(
         tuple(query_size),
         dtype,
         None if agent_shape is None else tuple(agent_shape),
+        class_token,
     )
-    params = (m.an_bias, m.ah_bias, m.aw_bias, m.na_bias, m.ha_bias, m.wa_bias)
+    params = [m.an_bias, m.ah_bias, m.aw_bias, m.na_bias, m.ha_bias, m.wa_bias]
+    if class_token:
+        params += [m.ac_bias, m.ca_bias]
     return eval_memo(m, key, build, *params)  # type: ignore[return-value]
 
 

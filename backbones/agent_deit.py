@@ -129,9 +129,7 @@ class AgentAttention(nn.Module):
         nh = self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, C).unbind(2)
         agents = _agent.pool_agents(q[:, 1:], grid, self.grid)
-        key_bias, query_bias = _agent.eval_memo(
-            self, (tuple(grid), q.dtype), lambda: self._biases(grid, q.dtype), *self._bias_params()
-        )
+        key_bias, query_bias = _agent.map_biases(self, grid, grid, q.dtype, class_token=True)
         x = _agent.agent_attention(
             _agent.split_heads(q, nh),
             _agent.split_heads(k, nh),
@@ -146,21 +144,6 @@ class AgentAttention(nn.Module):
         # the depthwise-conv term covers the patch tokens only
         x = torch.cat([x[:, :1], x[:, 1:] + _agent.dwc_tokens(v[:, 1:], grid, self.dwc)], dim=1)
         return self.proj_drop(self.proj(x))
-
-    def _bias_params(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.an_bias, self.ah_bias, self.aw_bias, self.na_bias, self.ha_bias, self.wa_bias,
-            self.ac_bias, self.ca_bias,
-        )  # fmt: skip
-
-    def _biases(self, grid: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Map biases, class token first: ``[heads, A, 1 + N]`` and ``[heads, 1 + N, A]``."""
-        with _agent.full_precision(self.an_bias):
-            key_bias = _agent.agent_key_bias(self.an_bias, self.ah_bias, self.aw_bias, grid)
-            key_bias = torch.cat([self.ac_bias[0], key_bias], dim=-1)
-            query_bias = _agent.query_agent_bias(self.na_bias, self.ha_bias, self.wa_bias, grid)
-            query_bias = torch.cat([self.ca_bias[0], query_bias], dim=-2)
-        return key_bias.to(dtype), query_bias.to(dtype)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, agent_num={self.agent_num}, window={self.window}"
