@@ -212,10 +212,11 @@ def test_graphed_steps_equal_eager_steps(name: str, opt: str, amp: bool) -> None
     le, s0, se = _run_steps(name, False, opt, amp)
     lg, _, sg = _run_steps(name, True, opt, amp)
     assert le.isfinite().all()
-    # fp32 + SGD: equal to rounding. bf16 + AdamW: some backward kernels accumulate with
-    # atomics (torchvision's deform conv, index_add_ of bias gradients), so even two eager runs
-    # can differ in the last bit; bf16 casts turn that into 1-ulp loss differences, and
-    # AdamW's normalised update moves a weight whose gradient is ~0 by up to ~lr either way.
+    # fp32 + SGD: equal to rounding. bf16 + AdamW: backward kernels that accumulate with
+    # atomics (likely torchvision's deform conv and index_add_ of bias gradients) can make
+    # even two eager runs differ in the last bit; bf16 casts turn that into 1-ulp loss
+    # differences, and AdamW's normalised update moves a weight whose gradient is ~0 by up to
+    # ~lr either way.
     if not amp:
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-5)
         for k in se:
