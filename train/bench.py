@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from visionattn.train.graphed import WARMUP_STEPS
+from visionattn.train.graphed import WARMUP_STEPS, GraphedTrainStep, graph_optimizer_kwargs
 
 __all__ = ["bench_model", "bench_models", "bench_models_main", "format_table"]
 
@@ -66,8 +66,6 @@ def _make_step(
         return infer_step
     model.train()
     if cuda_graph:
-        from visionattn.train.graphed import GraphedTrainStep, graph_optimizer_kwargs
-
         opt = torch.optim.SGD(
             model.parameters(), lr=1e-4, momentum=0.9, **graph_optimizer_kwargs("momentum")
         )
