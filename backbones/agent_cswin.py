@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import visionattn.kernels as _kernels
 from visionattn.backbones import _agent
@@ -198,7 +198,19 @@ class AgentStripeAttention(nn.Module):
         size = _stripe(branch, split_size, resolution, resolution)
         _agent.init_agent_biases(self, num_heads, agent_num, size, size)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def stripe(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The stripe (window) shape on a ``size`` map."""
+        return _stripe(self.branch, self.split_size, size[0], size[1])
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``biases``: this module's ``map_biases`` for the running stripe when the caller
+        built them (the stage builds its blocks' together); else built here."""
         B, H, W, nh, hd = q.shape
         C = nh * hd
         sh, sw = _stripe(self.branch, self.split_size, H, W)
@@ -211,7 +223,9 @@ class AgentStripeAttention(nn.Module):
         Hp, Wp = H + top + bottom, W + left + right
         qw, kw, vw = (_to_windows(t, sh, sw) for t in (q, k, v))
         agents = _agent.split_heads(_agent.pool_agents(qw, (sh, sw), self.grid), nh)
-        key_bias, query_bias = _agent.map_biases(self, (sh, sw), (sh, sw), qw.dtype)
+        if biases is None:
+            biases = _agent.map_biases(self, (sh, sw), (sh, sw), qw.dtype)
+        key_bias, query_bias = biases
         x = _agent.agent_attention(
             _agent.split_heads(qw, nh),
             _agent.split_heads(kw, nh),
@@ -287,14 +301,20 @@ class CSWinBlock(nn.Module):
         self.norm2 = _agent.AutocastLayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, biases: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """``biases``: one prebuilt bias pair per agent branch (ignored by LePE blocks)."""
         B, H, W, C = x.shape
         n = len(self.attns)
         qkv = self.qkv(self.norm1(x)).view(B, H, W, 3, n, -1)
         outs = []
         for i, attn in enumerate(self.attns):
             q, k, v = (t.unflatten(-1, (attn.num_heads, -1)) for t in qkv[..., i, :].unbind(3))
-            outs.append(attn(q, k, v))
+            if biases is not None and isinstance(attn, AgentStripeAttention):
+                outs.append(attn(q, k, v, biases[i]))
+            else:
+                outs.append(attn(q, k, v))
         y = outs[0] if n == 1 else torch.cat(outs, dim=-1)
         x = x + self.drop_path(self.proj_drop(self.proj(y)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -342,9 +362,30 @@ class CSWinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        biases = self._block_biases(x)
+        for blk, b in zip(self.blocks, biases):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, b, use_reentrant=False)
+            else:
+                x = blk(x, b)
+        return x
+
+    def _block_biases(self, x: torch.Tensor) -> list[list | None]:
+        """Per block, the agent branches' biases, built together per branch position
+        (``map_biases_group``); None for LePE blocks."""
+        agent_blocks = [b for b in self.blocks if b.attn_type == "A"]
+        per_block: dict[int, list] = {id(b): [] for b in agent_blocks}
+        if agent_blocks:
+            size = tuple(x.shape[1:3])
+            dtype = _agent.compute_dtype(x)
+            for j in range(len(agent_blocks[0].attns)):
+                attns = [b.attns[j] for b in agent_blocks]
+                stripe = attns[0].stripe(size)
+                for b, built in zip(
+                    agent_blocks, _agent.map_biases_group(attns, stripe, stripe, dtype)
+                ):
+                    per_block[id(b)].append(built)
+        return [per_block.get(id(b)) for b in self.blocks]
 
 
 def _block_types(attn_type: str, depths: Sequence[int]) -> list[list[str]]:

@@ -124,12 +124,21 @@ class AgentAttention(nn.Module):
         trunc_normal_(self.ac_bias, std=0.02)
         trunc_normal_(self.ca_bias, std=0.02)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``biases``: this module's ``map_biases(self, grid, grid, dtype, class_token=True)``
+        when the caller built them (the model builds all blocks' together); else built here."""
         B, N, C = x.shape
         nh = self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, C).unbind(2)
         agents = _agent.pool_agents(q[:, 1:], grid, self.grid)
-        key_bias, query_bias = _agent.map_biases(self, grid, grid, q.dtype, class_token=True)
+        if biases is None:
+            biases = _agent.map_biases(self, grid, grid, q.dtype, class_token=True)
+        key_bias, query_bias = biases
         x = _agent.agent_attention(
             _agent.split_heads(q, nh),
             _agent.split_heads(k, nh),
@@ -169,7 +178,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int] | None = None, biases: None = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(
@@ -181,7 +192,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (LayerNorm eps 1e-6) with agent or softmax attention.
 
-    ``forward(x, grid)``: ``x [B, 1 + H*W, C]``, ``grid = (H, W)`` the patch grid.
+    ``forward(x, grid, biases=None)``: ``x [B, 1 + H*W, C]``, ``grid = (H, W)`` the patch grid,
+    ``biases`` the agent attention's prebuilt biases (see :meth:`AgentAttention.forward`).
     """
 
     def __init__(
@@ -208,8 +220,13 @@ class Block(nn.Module):
         self.norm2 = _agent.AutocastLayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), grid, biases))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -363,10 +380,31 @@ class AgentDeiT(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
         return self.pos_drop(x + pos), (H, W)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def _block_biases(
+        self, blocks: Sequence[nn.Module], x: torch.Tensor, grid: tuple[int, int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Every agent block's attention biases, built together (``map_biases_group``) in the
+        dtype its queries will have (the autocast dtype under autocast)."""
+        dtype = _agent.compute_dtype(x)
+        agents = [i for i, b in enumerate(blocks) if isinstance(b.attn, AgentAttention)]
+        built = _agent.map_biases_group(
+            [blocks[i].attn for i in agents], grid, grid, dtype, class_token=True
+        )
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+        for i, b in zip(agents, built):
+            out[i] = b
+        return out
+
+    def _run_block(
+        self,
+        blk: nn.Module,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, grid, use_reentrant=False)
-        return blk(x, grid)
+            return checkpoint(blk, x, grid, biases, use_reentrant=False)
+        return blk(x, grid, biases)
 
     def forward_intermediates(
         self,
@@ -391,9 +429,10 @@ class AgentDeiT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, (H, W) = self._embed(x)
         blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        biases = self._block_biases(blocks, x, (H, W))
         intermediates: list[Any] = []
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, (H, W))
+            x = self._run_block(blk, x, (H, W), biases[i])
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 prefix, y = y[:, :1], y[:, 1:]
@@ -422,8 +461,9 @@ class AgentDeiT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W] -> [B, 1 + H/16 * W/16, embed_dim]`` normalized tokens."""
         x, grid = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, grid)
+        biases = self._block_biases(self.blocks, x, grid)
+        for blk, b in zip(self.blocks, biases):
+            x = self._run_block(blk, x, grid, b)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

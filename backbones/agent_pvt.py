@@ -132,7 +132,20 @@ class AgentAttention(nn.Module):
         key_size = (bias_size[0] // sr_ratio, bias_size[1] // sr_ratio)
         _agent.init_agent_biases(self, num_heads, agent_num, key_size, bias_size)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def key_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The key map size for a ``size`` query map (``sr x sr`` stride-``sr`` reduction)."""
+        if self.reduce is None:
+            return size
+        return (size[0] // self.sr_ratio, size[1] // self.sr_ratio)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        size: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``biases``: this module's ``map_biases`` for the running size when the caller built
+        them (the stage builds its blocks' together); else built here."""
         B, N, C = x.shape
         if self.reduce is None:
             w = torch.cat([self.q.weight, self.kv.weight])
@@ -144,7 +157,9 @@ class AgentAttention(nn.Module):
             kv, key_size = self.reduce(x, size)
             k, v = self.kv(kv).view(B, -1, 2, C).unbind(2)
         agents = _agent.pool_agents(q, size, self.agent_shape)
-        key_bias, query_bias = _agent.map_biases(self, key_size, size, q.dtype, self.agent_shape)
+        if biases is None:
+            biases = _agent.map_biases(self, key_size, size, q.dtype, self.agent_shape)
+        key_bias, query_bias = biases
         nh = self.num_heads
         out = _agent.agent_attention(
             _agent.split_heads(q, nh),
@@ -254,8 +269,20 @@ class AgentPVTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), size))
+    def forward(
+        self,
+        x: torch.Tensor,
+        size: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``biases``: the agent attention's prebuilt biases (ignored by SR attention)."""
+        y = self.norm1(x)
+        y = (
+            self.attn(y, size, biases)
+            if isinstance(self.attn, AgentAttention)
+            else self.attn(y, size)
+        )
+        x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -340,11 +367,21 @@ class AgentPVTStage(nn.Module):
         x = self.patch_embed(x if self.first else x.permute(0, 3, 1, 2))
         B, H, W, C = x.shape
         x = self.pos_drop(x.reshape(B, H * W, C) + self._pos((H, W)))
-        for blk in self.blocks:
+        agents = [i for i, b in enumerate(self.blocks) if isinstance(b.attn, AgentAttention)]
+        biases: list = [None] * len(self.blocks)
+        if agents:
+            attns = [self.blocks[i].attn for i in agents]
+            built = _agent.map_biases_group(
+                attns, attns[0].key_size((H, W)), (H, W), _agent.compute_dtype(x),
+                attns[0].agent_shape,
+            )  # fmt: skip
+            for i, b in zip(agents, built):
+                biases[i] = b
+        for blk, b in zip(self.blocks, biases):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, (H, W), use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, (H, W), b, use_reentrant=False)
             else:
-                x = blk(x, (H, W))
+                x = blk(x, (H, W), b)
         return x.view(B, H, W, C)
 
 

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones import _agent
 from visionattn.backbones._convert import (
@@ -138,11 +138,17 @@ class AgentAttention(nn.Module):
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         _agent.init_agent_biases(self, num_heads, agent_num, bias_size, bias_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``biases``: this module's ``map_biases`` for the running map when the caller built
+        them (the stage builds its blocks' together); else built here."""
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H * W, 3, C).unbind(2)
         agents = _agent.pool_agents(q, (H, W), self.agent_shape)
-        key_bias, query_bias = _agent.map_biases(self, (H, W), (H, W), q.dtype, self.agent_shape)
+        if biases is None:
+            biases = _agent.map_biases(self, (H, W), (H, W), q.dtype, self.agent_shape)
+        key_bias, query_bias = biases
         nh = self.num_heads
         out = _agent.agent_attention(
             _agent.split_heads(q, nh),
@@ -306,8 +312,13 @@ class AgentSwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+    def forward(
+        self, x: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``biases``: the agent attention's prebuilt biases (ignored by window blocks)."""
+        y = self.norm1(x)
+        y = self.attn(y, biases) if isinstance(self.attn, AgentAttention) else self.attn(y)
+        x = x + self.drop_path1(y)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -402,9 +413,22 @@ class AgentSwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        agents = [i for i, b in enumerate(self.blocks) if isinstance(b.attn, AgentAttention)]
+        biases: list = [None] * len(self.blocks)
+        if agents:
+            attns = [self.blocks[i].attn for i in agents]
+            size = tuple(x.shape[1:3])
+            built = _agent.map_biases_group(
+                attns, size, size, _agent.compute_dtype(x), attns[0].agent_shape
+            )
+            for i, b in zip(agents, built):
+                biases[i] = b
+        for blk, b in zip(self.blocks, biases):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, b, use_reentrant=False)
+            else:
+                x = blk(x, b)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -214,3 +214,107 @@ def test_cuda_matches_cpu_fp32_and_bf16(name: str, cuda_matches_cpu) -> None:
     model = timm.create_model(name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
     cuda_matches_cpu(model, torch.randn(2, 3, size, size))
+
+
+def _bias_module(heads: int, agents: int, size: tuple[int, int], class_token: bool) -> nn.Module:
+    m = nn.Module()
+    _agent.init_agent_biases(m, heads, agents, key_size=size, query_size=size)
+    m.grid = _agent.agent_grid(agents)
+    if class_token:
+        m.ac_bias = nn.Parameter(torch.randn(1, heads, agents, 1))
+        m.ca_bias = nn.Parameter(torch.randn(1, heads, 1, agents))
+    return m
+
+
+@pytest.mark.parametrize("class_token,agent_shape", [(False, None), (False, (3, 2)), (True, None)])
+def test_map_biases_group_equals_per_module(class_token: bool, agent_shape) -> None:
+    """Built together (tables concatenated along the heads), every module's biases and their
+    gradients equal its own ``map_biases``; modules of another shape form their own group;
+    without autograd each module's memo is used."""
+    torch.manual_seed(5)
+    mods = [_bias_module(2, 4, (6, 5), class_token) for _ in range(3)]
+    mods.insert(1, _bias_module(3, 9, (6, 5), class_token))  # another group, one module
+    mods.append(_bias_module(3, 9, (6, 5), class_token))  # ... now of two
+    args = ((7, 4), (5, 6), torch.float32, agent_shape, class_token)
+    weights = None
+
+    def build_and_grads(fn):
+        nonlocal weights
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+        pairs = fn()
+        if weights is None:
+            weights = [(torch.randn_like(k), torch.randn_like(q)) for k, q in pairs]
+        loss = sum((k * wk).sum() + (q * wq).sum() for (k, q), (wk, wq) in zip(pairs, weights))
+        loss.backward()
+        return [(k.detach(), q.detach()) for k, q in pairs], [
+            p.grad.clone() for m in mods for p in m.parameters()
+        ]
+
+    grouped, g_grads = build_and_grads(lambda: _agent.map_biases_group(mods, *args))
+    single, s_grads = build_and_grads(lambda: [_agent.map_biases(m, *args) for m in mods])
+    for (kg, qg), (ks, qs) in zip(grouped, single):
+        torch.testing.assert_close(kg, ks, rtol=0, atol=1e-6)
+        torch.testing.assert_close(qg, qs, rtol=0, atol=1e-6)
+    for gg, gs in zip(g_grads, s_grads):
+        torch.testing.assert_close(gg, gs, rtol=0, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in g_grads)
+    with torch.no_grad():
+        memo = _agent.map_biases_group(mods, *args)
+        again = [_agent.map_biases(m, *args) for m in mods]
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(memo, again))
+
+
+# depths with several agent blocks per stage (the test configs have one)
+_GROUPED = {
+    "test_agent_deit": dict(depth=5, agent_layer=4),
+    "test_agent_pvt": dict(depths=[2, 1, 1, 1]),
+    "test_agent_swin": dict(depths=[2, 2, 1, 1]),
+    "test_agent_cswin": dict(depths=[2, 2, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", list(_GROUPED))
+def test_models_build_biases_per_group_as_per_module(name: str, checkpointing: bool) -> None:
+    """In training each model builds its blocks' biases together; outputs and every gradient
+    equal building them per module (the blocks' own path), with and without checkpointing."""
+    torch.manual_seed(6)
+    model = timm.create_model(name, num_classes=7, **_GROUPED[name]).train()
+    model.set_grad_checkpointing(checkpointing)
+    size = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(2, 3, size, size)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same drop-path draws
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    calls = []
+    group = _agent.map_biases_group
+
+    def counted(mods, *a, **k):
+        calls.append(len(mods))
+        return group(mods, *a, **k)
+
+    _agent.map_biases_group = counted
+    try:
+        out, grads = run()
+    finally:
+        _agent.map_biases_group = group
+    assert calls and max(calls) > 1  # some group of several modules was built together
+    per_module = lambda mods, *a, **k: [_agent.map_biases(m, *a, **k) for m in mods]  # noqa: E731
+    _agent.map_biases_group = per_module
+    try:
+        ref_out, ref_grads = run()
+    finally:
+        _agent.map_biases_group = group
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    for n, g in ref_grads.items():
+        assert (g is None) == (grads[n] is None), n
+        if g is not None:
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=n)
+    biased = [n for n in grads if n.endswith("an_bias")]
+    assert biased and all(grads[n].abs().sum() > 0 for n in biased)
