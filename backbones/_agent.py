@@ -108,38 +108,57 @@ def _bins(n: int, g: int, device: torch.device) -> Tensor:
 
 
 def _build_pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+    size: tuple[int, int],
+    grid: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: int = 0,
 ) -> tuple[Tensor, Tensor]:
     # tensor ops only, so torch.compile traces it without a graph break
     member = torch.kron(_bins(size[0], grid[0], device), _bins(size[1], grid[1], device))
+    member = F.pad(member, (skip, 0))  # leading tokens in no bin
     inv = 1.0 / member.sum(1, keepdim=True).double()
     return member.to(dtype), inv.to(torch.promote_types(dtype, torch.float32))
 
 
 @lru_cache(maxsize=64)
 def _cached_pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+    size: tuple[int, int],
+    grid: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: int,
 ) -> tuple[Tensor, Tensor]:
-    return _build_pool_matrix(size, grid, device, dtype)
+    return _build_pool_matrix(size, grid, device, dtype, skip)
 
 
 def _pool_matrix(
-    size: tuple[int, int], grid: tuple[int, int], device: torch.device, dtype: torch.dtype
+    size: tuple[int, int],
+    grid: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """0/1 bin-membership matrix ``[gh*gw, H*W]`` of adaptive average pooling (agents and
-    tokens both row-major) in ``dtype`` (0/1 are exact in any dtype) and the reciprocal bin
-    sizes ``[gh*gw, 1]`` in ``dtype`` promoted to at least float32; cached per dtype in eager
-    mode (no cast per call), rebuilt from tensor ops while compiling."""
+    """0/1 bin-membership matrix ``[gh*gw, skip + H*W]`` of adaptive average pooling (agents
+    and tokens both row-major; the ``skip`` leading tokens in no bin) in ``dtype`` (0/1 are
+    exact in any dtype) and the reciprocal bin sizes ``[gh*gw, 1]`` in ``dtype`` promoted to at
+    least float32; cached per dtype in eager mode (no cast per call), rebuilt from tensor ops
+    while compiling."""
     if torch.compiler.is_compiling():
-        return _build_pool_matrix(size, grid, device, dtype)
-    return _cached_pool_matrix(size, grid, device, dtype)
+        return _build_pool_matrix(size, grid, device, dtype, skip)
+    return _cached_pool_matrix(size, grid, device, dtype, skip)
 
 
-def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[int]) -> Tensor:
+def pool_agents(
+    tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[int], skip: int = 0
+) -> Tensor:
     """Agent tokens: ``F.adaptive_avg_pool2d`` of the ``H x W`` token map onto ``grid``.
 
     Args:
-        tokens: ``[B, H*W, C]`` row-major tokens (any strides, e.g. a slice of a fused qkv).
+        tokens: ``[B, skip + H*W, C]``: ``skip`` leading tokens (e.g. a class token, left out of
+            the pooling) then the row-major map tokens (any strides, e.g. a slice of a fused
+            qkv). Pooling past them instead of slicing them off spares the slice's backward
+            (a zero-filled copy of the gradient).
         size: ``(H, W)`` of the token map.
         grid: ``(gh, gw)`` pooling grid (``agent_grid(num_agents)``).
 
@@ -150,11 +169,14 @@ def pool_agents(tokens: Tensor, size: int | Sequence[int], grid: int | Sequence[
     """
     h, w = _pair(size, "size")
     grid = _pair(grid, "grid")
-    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+    if not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip: must be a non-negative int, got {skip!r}")
+    if tokens.dim() != 3 or tokens.shape[1] != skip + h * w:
         raise ValueError(
-            f"tokens: expected [B, {h * w}, C] for size {(h, w)}, got {tuple(tokens.shape)}"
+            f"tokens: expected [B, {skip + h * w}, C] for size {(h, w)} and skip {skip}, got "
+            f"{tuple(tokens.shape)}"
         )
-    member, inv = _pool_matrix((h, w), grid, tokens.device, tokens.dtype)
+    member, inv = _pool_matrix((h, w), grid, tokens.device, tokens.dtype, skip)
     summed = torch.matmul(member, tokens)
     # the division in float32 at least (bf16 1/size would be inexact)
     return (summed * inv).to(tokens.dtype)
@@ -433,7 +455,22 @@ def _build_biases(
         if cls:
             kb = torch.cat([cls[0][0], kb], dim=-1)
             qb = torch.cat([cls[1][0], qb], dim=-2)
-    return kb.to(dtype), qb.to(dtype)
+        return _aligned(kb, dtype), _aligned(qb, dtype)
+
+
+# SDPA's memory-efficient kernel needs every stride of attn_mask but the last to be a multiple
+# of 8 elements; otherwise it pads the mask (and slices its gradient) at every call
+_MASK_ALIGN = 16
+
+
+def _aligned(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """``bias`` in ``dtype`` as a view of storage whose rows are padded to ``_MASK_ALIGN``
+    elements (padded once where the bias is built, not inside each attention call)."""
+    n = bias.shape[-1]
+    pad = -n % _MASK_ALIGN
+    if pad == 0:
+        return bias.to(dtype)
+    return F.pad(bias, (0, pad)).to(dtype)[..., :n]
 
 
 def map_biases(

@@ -135,7 +135,7 @@ class AgentAttention(nn.Module):
         B, N, C = x.shape
         nh = self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, C).unbind(2)
-        agents = _agent.pool_agents(q[:, 1:], grid, self.grid)
+        agents = _agent.pool_agents(q, grid, self.grid, skip=1)
         if biases is None:
             biases = _agent.map_biases(self, grid, grid, q.dtype, class_token=True)
         key_bias, query_bias = biases
@@ -149,9 +149,10 @@ class AgentAttention(nn.Module):
             scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
-        x = _agent.merge_heads(x)
-        # the depthwise-conv term covers the patch tokens only
-        x = torch.cat([x[:, :1], x[:, 1:] + _agent.dwc_tokens(v[:, 1:], grid, self.dwc)], dim=1)
+        # the depthwise-conv term covers the patch tokens only (zero-padded over the class
+        # token: its gradient is then a view, where slicing x would zero-fill a copy)
+        dwc = _agent.dwc_tokens(v[:, 1:], grid, self.dwc)
+        x = _agent.merge_heads(x) + F.pad(dwc, (0, 0, 1, 0))
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -46,9 +46,28 @@ def test_pool_agents_half_precision_matches_float64() -> None:
     assert m16.dtype == torch.bfloat16 and inv16.dtype == torch.float32
 
 
+def test_pool_agents_skips_leading_tokens() -> None:
+    """``skip`` leading tokens (a class token) take no part: the agents and every gradient
+    equal pooling the slice that leaves them out, and theirs is zero."""
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 2 + 7 * 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    got = _agent.pool_agents(tokens, (7, 5), (3, 2), skip=2)
+    ref = _agent.pool_agents(tokens[:, 2:], (7, 5), (3, 2))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * w).sum(), tokens)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), tokens)
+    torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-12)
+    assert g_got[:, :2].abs().sum() == 0 and g_got[:, 2:].abs().sum() > 0
+
+
 def test_pool_agents_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="tokens"):
         _agent.pool_agents(torch.zeros(1, 10, 4), (3, 3), (2, 2))
+    with pytest.raises(ValueError, match="tokens"):
+        _agent.pool_agents(torch.zeros(1, 9, 4), (3, 3), (2, 2), skip=1)
+    with pytest.raises(ValueError, match="skip"):
+        _agent.pool_agents(torch.zeros(1, 9, 4), (3, 3), (2, 2), skip=-1)
     with pytest.raises(ValueError, match="num_agents"):
         _agent.agent_grid(10)
     with pytest.raises(ValueError, match="num_heads"):
