@@ -458,19 +458,23 @@ def _build_biases(
         return _aligned(kb, dtype), _aligned(qb, dtype)
 
 
-# SDPA's memory-efficient kernel needs every stride of attn_mask but the last to be a multiple
-# of 8 elements; otherwise it pads the mask (and slices its gradient) at every call
+# SDPA's memory-efficient kernel needs attn_mask's last stride to be 1 (else SDPA falls back
+# to its math path, in float32) and every other stride to be a multiple of 8 elements (else
+# it pads the mask, and slices its gradient, at every call)
 _MASK_ALIGN = 16
 
 
 def _aligned(bias: Tensor, dtype: torch.dtype) -> Tensor:
-    """``bias`` in ``dtype`` as a view of storage whose rows are padded to ``_MASK_ALIGN``
-    elements (padded once where the bias is built, not inside each attention call)."""
+    """``bias`` in ``dtype``, row-major, as a view of storage whose rows are padded to
+    ``_MASK_ALIGN`` elements (laid out once where the bias is built, not inside each attention
+    call). The query bias comes out of its build transposed (last stride != 1)."""
     n = bias.shape[-1]
     pad = -n % _MASK_ALIGN
-    if pad == 0:
-        return bias.to(dtype)
-    return F.pad(bias, (0, pad)).to(dtype)[..., :n]
+    if pad:
+        bias = F.pad(bias, (0, pad))
+    # (``to`` returns ``bias`` itself, layout and all, when the dtype already matches)
+    out = bias.to(dtype=dtype, memory_format=torch.contiguous_format).contiguous()
+    return out[..., :n] if pad else out
 
 
 def map_biases(

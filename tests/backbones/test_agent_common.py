@@ -337,3 +337,46 @@ def test_models_build_biases_per_group_as_per_module(name: str, checkpointing: b
             torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=n)
     biased = [n for n in grads if n.endswith("an_bias")]
     assert biased and all(grads[n].abs().sum() > 0 for n in biased)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("agents,size", [(16, (28, 28)), (49, (14, 14)), (9, (7, 5)), (4, (4, 4))])
+def test_map_biases_layout_suits_sdpa(agents: int, size, dtype) -> None:
+    """Both biases come out row-major (last stride 1) with every other stride a multiple of 8
+    elements: what SDPA's memory-efficient kernel takes as ``attn_mask`` without a per-call
+    pad or its float32 math fallback (the query bias used to come out transposed)."""
+    m = _bias_module(2, agents, size, class_token=False)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for bias in _agent.map_biases(m, size, size, dtype):
+                assert bias.dtype == dtype and bias.stride(-1) == 1, bias.stride()
+                assert all(s % 8 == 0 for s in bias.stride()[:-1]), bias.stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny", "agent_cswin_tiny"]
+)
+def test_sdpa_calls_take_the_memory_efficient_kernel(name: str, monkeypatch) -> None:
+    """Every biased SDPA call of a bf16 training step is eligible for the memory-efficient
+    kernel (none falls back to the float32 math path)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        if attn_mask is not None:
+            mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+            params = torch.backends.cuda.SDPAParams(q, k, v, mask, dropout_p, is_causal, False)
+            calls.append((tuple(q.shape), tuple(k.shape), attn_mask.stride(),
+                          torch.backends.cuda.can_use_efficient_attention(params, False)))  # fmt: skip
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale)  # fmt: skip
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = timm.create_model(name, num_classes=10).cuda().train()
+    size = model.pretrained_cfg["input_size"][-1]
+    with torch.autocast("cuda", torch.bfloat16):
+        model(torch.randn(2, 3, size, size, device="cuda")).sum().backward()
+    assert calls and all(ok for *_, ok in calls), [c for c in calls if not c[-1]]
