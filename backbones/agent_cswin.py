@@ -307,10 +307,12 @@ class CSWinBlock(nn.Module):
         """``biases``: one prebuilt bias pair per agent branch (ignored by LePE blocks)."""
         B, H, W, C = x.shape
         n = len(self.attns)
-        qkv = self.qkv(self.norm1(x)).view(B, H, W, 3, n, -1)
+        # unbind, not indexing: its backward stacks the branches' gradients in one copy, where
+        # each index's backward would zero-fill a qkv-sized gradient and add them up
+        branches = self.qkv(self.norm1(x)).view(B, H, W, 3, n, -1).unbind(4)
         outs = []
         for i, attn in enumerate(self.attns):
-            q, k, v = (t.unflatten(-1, (attn.num_heads, -1)) for t in qkv[..., i, :].unbind(3))
+            q, k, v = (t.unflatten(-1, (attn.num_heads, -1)) for t in branches[i].unbind(3))
             if biases is not None and isinstance(attn, AgentStripeAttention):
                 outs.append(attn(q, k, v, biases[i]))
             else:
