@@ -25,6 +25,11 @@ Biases, per head (official parameter names and shapes, see :func:`init_agent_bia
 * ``na_bias [heads, A, 7, 7]`` resized to the query map, plus
   ``ha_bias [1, heads, Hq, 1, A] + wa_bias [1, heads, 1, Wq, A]`` -> ``B_qa [heads, Hq*Wq, A]``.
 
+The biases depend only on parameters and sizes: in eval each module memoises its pair
+(:func:`map_biases`); in training each model or stage builds its blocks' pairs together, one
+build per group of equal table shapes (:func:`map_biases_group`), and either way they are laid out as SDPA's memory-efficient
+kernel takes them (row-major, aligned rows).
+
 At another running resolution the separable terms are bilinearly resized along their map axis,
 as the official detection / segmentation backbones do (they resize ``ah + aw`` jointly; bilinear
 resizing is separable and its weights sum to one, so resizing each term is the same map). At
