@@ -45,7 +45,7 @@ result is cropped. Agent position biases are resized to the running stripe / map
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,9 +113,12 @@ def _from_windows(x: torch.Tensor, sh: int, sw: int, H: int, W: int) -> torch.Te
     return x.reshape(-1, H, W, C)
 
 
-def _window_dwconv(v: torch.Tensor, conv: nn.Conv2d, sh: int, sw: int) -> torch.Tensor:
-    """Depthwise ``conv`` applied inside each ``sh x sw`` window of ``v [B, H, W, C]`` (zero
-    padding at every window border), returned as ``[B, H, W, C]``."""
+def _window_dwconv(
+    v: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], sh: int, sw: int
+) -> torch.Tensor:
+    """Depthwise ``conv`` (a 3x3 ``nn.Conv2d`` or the same as a function) applied inside each
+    ``sh x sw`` window of ``v [B, H, W, C]`` (zero padding at every window border), returned
+    as ``[B, H, W, C]``."""
     B, H, W, C = v.shape
     if sh == H and sw == W:
         x = v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -170,6 +173,52 @@ class LePEStripeAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, branch={self.branch}, split_size={self.split_size}"
+
+
+# both LePE branches of a block in one attention call and one conv where the geometry allows
+# (see _lepe_pair); False runs them one by one (tests compare the two)
+_PAIR_LEPE = True
+
+
+def _lepe_pair(attns: nn.ModuleList, b0: torch.Tensor, b1: torch.Tensor) -> torch.Tensor | None:
+    """A block's two LePE branches (vertical stripes ``b0``, horizontal stripes ``b1``, each
+    the ``[B, H, W, 3, C/2]`` q/k/v of its heads) as one problem, or None where that does not
+    apply (non-square map, padding, unequal branches).
+
+    On a square map the horizontal stripes of ``b1`` are the vertical stripes of its
+    transpose, so both branches run as one ``na2d`` over ``[b0 | b1^T]`` heads and one depthwise
+    conv (``b1``'s kernels transposed): one attention call and one conv instead of two of each
+    (host time: CSwin's stage 3 has 18 such blocks), for one extra copy of the qkv (the
+    concatenation). Same result: attention inside a window and the window conv commute with
+    transposing the map. Returns ``[B, H, W, C]``, branch 0's channels first.
+    """
+    a0, a1 = attns
+    B, H, W, _, cb = b0.shape
+    if not (
+        _PAIR_LEPE
+        and H == W
+        and isinstance(a0, LePEStripeAttention)
+        and isinstance(a1, LePEStripeAttention)
+        and (a0.branch, a1.branch) == (0, 1)
+        and (a0.split_size, a0.num_heads, a0.scale) == (a1.split_size, a1.num_heads, a1.scale)
+    ):
+        return None
+    sh, sw = _stripe(0, a0.split_size, H, W)
+    if any(_pad_amounts(H, W, sh, sw)):
+        return None
+    both = torch.cat([b0, b1.transpose(1, 2)], dim=-1)  # [B, H, W, 3, C]
+    q, k, v = (t.unflatten(-1, (2 * a0.num_heads, -1)) for t in both.unbind(3))
+    x = _kernels.na2d(q, k, v, kernel_size=(sh, sw), stride=(sh, sw), scale=a0.scale)
+    c0, c1 = a0.get_v, a1.get_v
+    w = torch.cat([c0.weight, c1.weight.transpose(-1, -2)])
+    bias = None if c0.bias is None else torch.cat([c0.bias, c1.bias])
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, bias, padding=1, groups=2 * cb)
+
+    x = x.reshape(B, H, W, 2 * cb) + _window_dwconv(v.reshape(B, H, W, 2 * cb), conv, sh, sw)
+    y0, y1 = x.split(cb, dim=-1)
+    return torch.cat([y0, y1.transpose(1, 2)], dim=-1)
 
 
 class AgentStripeAttention(nn.Module):
@@ -310,6 +359,10 @@ class CSWinBlock(nn.Module):
         # unbind, not indexing: its backward stacks the branches' gradients in one copy, where
         # each index's backward would zero-fill a qkv-sized gradient and add them up
         branches = self.qkv(self.norm1(x)).view(B, H, W, 3, n, -1).unbind(4)
+        y = _lepe_pair(self.attns, *branches) if n == 2 else None
+        if y is not None:
+            x = x + self.drop_path(self.proj_drop(self.proj(y)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         outs = []
         for i, attn in enumerate(self.attns):
             q, k, v = (t.unflatten(-1, (attn.num_heads, -1)) for t in branches[i].unbind(3))

@@ -208,3 +208,40 @@ def test_any_input_size(size: tuple[int, int]) -> None:
         h, w = -(-h // 2), -(-w // 2)
     with torch.no_grad():  # batch elements are independent (padding never mixes samples)
         assert torch.allclose(model(x[1:]), y[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("size,paired", [(64, True), (72, False), ((64, 96), False)])
+def test_lepe_branch_pair_equals_branch_by_branch(size, paired: bool, monkeypatch) -> None:
+    """Two-branch LePE blocks on a square map without padding run both branches as one
+    problem (horizontal stripes as vertical stripes of the transposed map); outputs and every
+    gradient equal running the branches one by one. Other maps take the per-branch path."""
+    ac = agent_cswin
+    torch.manual_seed(0)
+    model = timm.create_model("test_agent_cswin", num_classes=5).double().train()
+    hw = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, 3, *hw, dtype=torch.float64)
+    taken = []
+    pair = ac._lepe_pair
+
+    def spy(*args):
+        out = pair(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ac, "_lepe_pair", spy)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    out, grads = run()
+    assert taken and any(taken) == paired
+    monkeypatch.setattr(ac, "_PAIR_LEPE", False)
+    ref, ref_grads = run()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=0, atol=1e-12, msg=n)
+    conv = [n for n in grads if n.endswith("get_v.weight")]
+    assert conv and all(grads[n].abs().sum() > 0 for n in conv)
