@@ -212,9 +212,10 @@ def test_any_input_size(size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("size,paired", [(64, True), (72, False), ((64, 96), False)])
 def test_lepe_branch_pair_equals_branch_by_branch(size, paired: bool, monkeypatch) -> None:
-    """Two-branch LePE blocks on a square map without padding run both branches as one
-    problem (horizontal stripes as vertical stripes of the transposed map); outputs and every
-    gradient equal running the branches one by one. Other maps take the per-branch path."""
+    """In training, two-branch LePE blocks on a square map without padding run both branches
+    as one problem (horizontal stripes as vertical stripes of the transposed map); outputs and
+    every gradient equal running the branches one by one. Other maps, and inference, take the
+    per-branch path."""
     ac = agent_cswin
     torch.manual_seed(0)
     model = timm.create_model("test_agent_cswin", num_classes=5).double().train()
@@ -245,3 +246,8 @@ def test_lepe_branch_pair_equals_branch_by_branch(size, paired: bool, monkeypatc
         torch.testing.assert_close(grads[n], g, rtol=0, atol=1e-12, msg=n)
     conv = [n for n in grads if n.endswith("get_v.weight")]
     assert conv and all(grads[n].abs().sum() > 0 for n in conv)
+    monkeypatch.setattr(ac, "_PAIR_LEPE", True)
+    taken.clear()
+    with torch.no_grad():  # inference keeps the per-branch path (no transposed copy)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-12)
+    assert taken and not any(taken)
