@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._layers import (
     AutocastLayerNorm,  # noqa: F401  (re-exported)
@@ -82,6 +83,7 @@ __all__ = [
     "query_agent_bias",
     "resize_agent_axis",
     "resize_axis",
+    "run_blocks",
     "split_heads",
 ]
 
@@ -436,9 +438,12 @@ _CLASS_TABLES = ("ac_bias", "ca_bias")
 _HEAD_AXIS = {"an_bias": 0, "na_bias": 0}
 
 
+def _table_names(class_token: bool) -> tuple[str, ...]:
+    return _TABLES + (_CLASS_TABLES if class_token else ())
+
+
 def _bias_tables(module: nn.Module, class_token: bool) -> list[Tensor]:
-    names = _TABLES + (_CLASS_TABLES if class_token else ())
-    return [getattr(module, n) for n in names]
+    return [getattr(module, n) for n in _table_names(class_token)]
 
 
 def _build_biases(
@@ -523,15 +528,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def map_biases_group(
-    modules: Sequence[nn.Module],
+    modules: Sequence[nn.Module | None],
     key_size: Sequence[int],
     query_size: Sequence[int],
     dtype: torch.dtype,
     agent_shape: Sequence[int] | None = None,
     class_token: bool = False,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor, Tensor] | None]:
     """:func:`map_biases` of every module in ``modules`` (same arguments for all), one pair
-    per module, equal to calling it per module.
+    per module, equal to calling it per module; None for a None entry (e.g. a block without
+    agent attention), so the result lines up with a model's blocks.
 
     With autograd on (training) the biases are rebuilt at every forward, ~40 small ops and
     ~55 backward ops per module: on small models a fifth of the training step's host time.
@@ -539,32 +545,52 @@ def map_biases_group(
     concatenated along the head axis (the build is per head), and the result split back. In
     eval each module's biases come from its memo.
     """
-    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) or len(modules) < 2:
-        return [
-            map_biases(m, key_size, query_size, dtype, agent_shape, class_token) for m in modules
-        ]
+    together = torch.is_grad_enabled() or torch.compiler.is_compiling()
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(modules)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[Any, list[int]] = {}
     for i, m in enumerate(modules):
-        tables = _bias_tables(m, class_token)
-        groups.setdefault((tuple(m.grid), *(t.shape for t in tables)), []).append(i)
-    names = _TABLES + (_CLASS_TABLES if class_token else ())
-    for idx in groups.values():
-        first = modules[idx[0]]
-        if len(idx) == 1:
-            out[idx[0]] = map_biases(first, key_size, query_size, dtype, agent_shape, class_token)
+        if m is None:
             continue
+        # eval: one group per module (its memo); training: one per grid and table shapes
+        key = (tuple(m.grid), *(t.shape for t in _bias_tables(m, class_token))) if together else i
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        group = [modules[i] for i in idx]
+        if len(group) == 1:
+            out[idx[0]] = map_biases(
+                group[0], key_size, query_size, dtype, agent_shape, class_token
+            )
+            continue
+        per_module = [_bias_tables(m, class_token) for m in group]
         tables = [
-            torch.cat([getattr(modules[i], n) for i in idx], dim=_HEAD_AXIS.get(n, 1))
-            for n in names
+            torch.cat(same, dim=_HEAD_AXIS.get(name, 1))
+            for name, same in zip(_table_names(class_token), zip(*per_module))
         ]
-        kb, qb = _build_biases(tables, first.grid, key_size, query_size, dtype, agent_shape)
+        kb, qb = _build_biases(tables, group[0].grid, key_size, query_size, dtype, agent_shape)
         g = len(idx)
         for i, k, q in zip(
             idx, kb.unflatten(0, (g, -1)).unbind(0), qb.unflatten(0, (g, -1)).unbind(0)
         ):
             out[i] = (k, q)
-    return out  # type: ignore[return-value]
+    return out
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module],
+    x: Tensor,
+    per_block: Sequence[Any],
+    *args: Any,
+    checkpointing: bool = False,
+) -> Tensor:
+    """``x = block(x, *args, extra)`` through ``blocks``, each with its ``per_block`` entry (its
+    prebuilt biases, or None), each block checkpointed when ``checkpointing`` (the entries
+    are inputs of the checkpointed call, so recomputation does not rebuild them)."""
+    for blk, extra in zip(blocks, per_block):
+        if checkpointing and not torch.jit.is_scripting():
+            x = checkpoint(blk, x, *args, extra, use_reentrant=False)
+        else:
+            x = blk(x, *args, extra)
+    return x
 
 
 def init_agent_biases(

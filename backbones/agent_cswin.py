@@ -54,7 +54,6 @@ from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import visionattn.kernels as _kernels
 from visionattn.backbones import _agent
@@ -423,29 +422,22 @@ class CSWinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         biases = self._block_biases(x)
-        for blk, b in zip(self.blocks, biases):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, b, use_reentrant=False)
-            else:
-                x = blk(x, b)
-        return x
+        return _agent.run_blocks(self.blocks, x, biases, checkpointing=self.grad_checkpointing)
 
     def _block_biases(self, x: torch.Tensor) -> list[list | None]:
         """Per block, the agent branches' biases, built together per branch position
         (``map_biases_group``); None for LePE blocks."""
-        agent_blocks = [b for b in self.blocks if b.attn_type == "A"]
-        per_block: dict[int, list] = {id(b): [] for b in agent_blocks}
-        if agent_blocks:
-            size = tuple(x.shape[1:3])
-            dtype = _agent.compute_dtype(x)
-            for j in range(len(agent_blocks[0].attns)):
-                attns = [b.attns[j] for b in agent_blocks]
-                stripe = attns[0].stripe(size)
-                for b, built in zip(
-                    agent_blocks, _agent.map_biases_group(attns, stripe, stripe, dtype)
-                ):
-                    per_block[id(b)].append(built)
-        return [per_block.get(id(b)) for b in self.blocks]
+        blocks = list(self.blocks)
+        agent = [b for b in blocks if b.attn_type == "A"]
+        if not agent:
+            return [None] * len(blocks)
+        size, dtype = tuple(x.shape[1:3]), _agent.compute_dtype(x)
+        per_branch = []
+        for j, branch in enumerate(agent[0].attns):
+            attns = [b.attns[j] if b.attn_type == "A" else None for b in blocks]
+            stripe = branch.stripe(size)
+            per_branch.append(_agent.map_biases_group(attns, stripe, stripe, dtype))
+        return [list(bs) if b.attn_type == "A" else None for b, bs in zip(blocks, zip(*per_branch))]
 
 
 def _block_types(attn_type: str, depths: Sequence[int]) -> list[list[str]]:

@@ -386,15 +386,8 @@ class AgentDeiT(nn.Module):
     ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Every agent block's attention biases, built together (``map_biases_group``) in the
         dtype its queries will have (the autocast dtype under autocast)."""
-        dtype = _agent.compute_dtype(x)
-        agents = [i for i, b in enumerate(blocks) if isinstance(b.attn, AgentAttention)]
-        built = _agent.map_biases_group(
-            [blocks[i].attn for i in agents], grid, grid, dtype, class_token=True
-        )
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
-        for i, b in zip(agents, built):
-            out[i] = b
-        return out
+        attns = [b.attn if isinstance(b.attn, AgentAttention) else None for b in blocks]
+        return _agent.map_biases_group(attns, grid, grid, _agent.compute_dtype(x), class_token=True)
 
     def _run_block(
         self,

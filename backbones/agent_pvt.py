@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import (
     ClassifierHead,
     DropPath,
@@ -367,21 +366,14 @@ class AgentPVTStage(nn.Module):
         x = self.patch_embed(x if self.first else x.permute(0, 3, 1, 2))
         B, H, W, C = x.shape
         x = self.pos_drop(x.reshape(B, H * W, C) + self._pos((H, W)))
-        agents = [i for i, b in enumerate(self.blocks) if isinstance(b.attn, AgentAttention)]
-        biases: list = [None] * len(self.blocks)
-        if agents:
-            attns = [self.blocks[i].attn for i in agents]
-            built = _agent.map_biases_group(
-                attns, attns[0].key_size((H, W)), (H, W), _agent.compute_dtype(x),
-                attns[0].agent_shape,
-            )  # fmt: skip
-            for i, b in zip(agents, built):
-                biases[i] = b
-        for blk, b in zip(self.blocks, biases):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, (H, W), b, use_reentrant=False)
-            else:
-                x = blk(x, (H, W), b)
+        attns = [b.attn if isinstance(b.attn, AgentAttention) else None for b in self.blocks]
+        first = next((a for a in attns if a is not None), None)
+        biases = [None] * len(attns)
+        if first is not None:
+            biases = _agent.map_biases_group(
+                attns, first.key_size((H, W)), (H, W), _agent.compute_dtype(x), first.agent_shape
+            )
+        x = _agent.run_blocks(self.blocks, x, biases, (H, W), checkpointing=self.grad_checkpointing)
         return x.view(B, H, W, C)
 
 

@@ -44,7 +44,6 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones import _agent
 from visionattn.backbones._convert import (
@@ -413,22 +412,13 @@ class AgentSwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        agents = [i for i, b in enumerate(self.blocks) if isinstance(b.attn, AgentAttention)]
-        biases: list = [None] * len(self.blocks)
-        if agents:
-            attns = [self.blocks[i].attn for i in agents]
-            size = tuple(x.shape[1:3])
-            built = _agent.map_biases_group(
-                attns, size, size, _agent.compute_dtype(x), attns[0].agent_shape
-            )
-            for i, b in zip(agents, built):
-                biases[i] = b
-        for blk, b in zip(self.blocks, biases):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, b, use_reentrant=False)
-            else:
-                x = blk(x, b)
-        return x
+        attns = [b.attn if isinstance(b.attn, AgentAttention) else None for b in self.blocks]
+        first = next((a for a in attns if a is not None), None)
+        size = tuple(x.shape[1:3])
+        biases = _agent.map_biases_group(
+            attns, size, size, _agent.compute_dtype(x), first and first.agent_shape
+        )
+        return _agent.run_blocks(self.blocks, x, biases, checkpointing=self.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------

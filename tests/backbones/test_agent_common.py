@@ -282,6 +282,10 @@ def test_map_biases_group_equals_per_module(class_token: bool, agent_shape) -> N
         memo = _agent.map_biases_group(mods, *args)
         again = [_agent.map_biases(m, *args) for m in mods]
     assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(memo, again))
+    # None entries (blocks without agent attention) stay None, in line with the others
+    padded = _agent.map_biases_group([None, *mods[:2], None], *args)
+    assert padded[0] is None and padded[3] is None
+    torch.testing.assert_close(padded[1][0], grouped[0][0], rtol=0, atol=1e-6)
 
 
 # depths with several agent blocks per stage (the test configs have one)
@@ -315,7 +319,7 @@ def test_models_build_biases_per_group_as_per_module(name: str, checkpointing: b
     group = _agent.map_biases_group
 
     def counted(mods, *a, **k):
-        calls.append(len(mods))
+        calls.append(sum(m is not None for m in mods))
         return group(mods, *a, **k)
 
     _agent.map_biases_group = counted
@@ -324,7 +328,9 @@ def test_models_build_biases_per_group_as_per_module(name: str, checkpointing: b
     finally:
         _agent.map_biases_group = group
     assert calls and max(calls) > 1  # some group of several modules was built together
-    per_module = lambda mods, *a, **k: [_agent.map_biases(m, *a, **k) for m in mods]  # noqa: E731
+    per_module = lambda mods, *a, **k: [  # noqa: E731
+        None if m is None else _agent.map_biases(m, *a, **k) for m in mods
+    ]
     _agent.map_biases_group = per_module
     try:
         ref_out, ref_grads = run()
