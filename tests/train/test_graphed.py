@@ -12,7 +12,7 @@ import torch
 from visionattn.train.checkpoint import load_checkpoint
 from visionattn.train.config import TrainConfig, validate_config
 from visionattn.train.graphed import GraphedTrainStep, check_graph_config, graph_optimizer_kwargs
-from visionattn.train.trainer import TIMING_FIELDS, train
+from visionattn.train.trainer import train
 
 TINY = dict(
     model="test_va_efficientvit",
@@ -230,12 +230,10 @@ def test_graphed_steps_equal_eager_steps(name: str, opt: str, amp: bool) -> None
     assert apart <= 0.05 * moved, (apart, moved)
 
 
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
-
-
 @pytest.mark.gpu
-def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(tmp_path: Path) -> None:
+def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(
+    tmp_path: Path, strip_timing
+) -> None:
     from visionattn.train.validate import validate
 
     # loader workers + pinned memory: a pin-memory thread runs beside the capture
@@ -256,7 +254,7 @@ def test_trainer_graphed_run_validates_fresh_weights_and_resumes_exactly(tmp_pat
     assert a["num_updates"] == b["num_updates"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert _strip(a["history"]["epochs"]) == _strip(b["history"]["epochs"])
+    assert strip_timing(a["history"]["epochs"]) == strip_timing(b["history"]["epochs"])
 
     # the same recipe eagerly (non-capturable optimizer: other rounding, same training)
     eager = train(_cfg(tmp_path, run_name="eager", cuda_graph=False, **kw))
@@ -274,22 +272,13 @@ ARGS_2GPU = (
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpu_graphed_run_resumes_exactly_and_tracks_ddp(
-    tmp_path: Path, launch_two_processes
+    tmp_path: Path, launch_two_processes, two_process_resume
 ) -> None:
     """Two processes, no DDP wrapper: flat gradients averaged between the two graphs, rank 0's
     buffers broadcast; a stopped and resumed run ends bit-identical, and an eager DDP run of
     the same recipe lands on the same training loss."""
-    graph = [*ARGS_2GPU, "--cuda-graph", "--output", str(tmp_path)]
-    launch_two_processes(*graph, "--run-name", "full")
-    launch_two_processes(*graph, "--run-name", "part", "--stop-after", "5")
-    launch_two_processes("--resume", str(tmp_path / "part"))
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
-    assert a["world_size"] == b["world_size"] == 2 and a["num_updates"] == b["num_updates"]
-    for key in ("model", "ema"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    assert _strip(a["history"]["epochs"]) == _strip(b["history"]["epochs"])
+    # full vs stopped-and-resumed: same weights, EMA and epoch history (conftest)
+    a, _ = two_process_resume(tmp_path, *ARGS_2GPU, "--cuda-graph")
 
     launch_two_processes(*ARGS_2GPU, "--output", str(tmp_path), "--run-name", "ddp")
     d = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)

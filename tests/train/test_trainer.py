@@ -16,7 +16,7 @@ import torch
 
 from visionattn.train.checkpoint import load_checkpoint, save_checkpoint
 from visionattn.train.config import TrainConfig
-from visionattn.train.trainer import TIMING_FIELDS, train
+from visionattn.train.trainer import train
 
 TINY = dict(
     model="test_efficientnet",
@@ -41,10 +41,6 @@ TINY = dict(
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**TINY, "output": str(tmp_path), **kw})
-
-
-def _strip_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
 def test_run_writes_checkpoints_logs_plot_and_timm_loadable_weights(tmp_path: Path) -> None:
@@ -78,7 +74,9 @@ def test_run_writes_checkpoints_logs_plot_and_timm_loadable_weights(tmp_path: Pa
         assert torch.equal(v, sd[k]), k
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(
+    tmp_path: Path, strip_timing
+) -> None:
     # every piece of state a resume must restore: EMA, mixup/cutmix (numpy RNG), drop path
     # (torch RNG), random erasing, label smoothing, accumulation, clipping, BatchNorm buffers
     kw = dict(
@@ -117,8 +115,8 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path:
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
-    assert _strip_timing(a["history"]["epochs"]) == _strip_timing(b["history"]["epochs"])
-    assert _strip_timing(a["history"]["steps"]) == _strip_timing(b["history"]["steps"])
+    assert strip_timing(a["history"]["epochs"]) == strip_timing(b["history"]["epochs"])
+    assert strip_timing(a["history"]["steps"]) == strip_timing(b["history"]["steps"])
     assert a["best"] == b["best"]
 
 
