@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._layers import (
     AutocastLayerNorm,  # noqa: F401  (re-exported)
+    autocast_dtype,  # noqa: F401  (re-exported)
     module_memo,
     tensors_key,
 )
@@ -71,7 +72,6 @@ __all__ = [
     "fit_agent_biases",
     "agent_key_bias",
     "check_agent_shapes",
-    "compute_dtype",
     "dwc_tokens",
     "eval_memo",
     "full_precision",
@@ -516,15 +516,6 @@ def map_biases(
         class_token,
     )
     return eval_memo(module, key, build, *tables)  # type: ignore[return-value]
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a linear layer's output has for the input ``x``: the autocast dtype for a
-    float32 ``x`` under autocast on its device, else ``x``'s own (the biases' dtype is picked
-    before the projections run)."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def map_biases_group(

@@ -91,7 +91,7 @@ class AutocastLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda" or len(self.normalized_shape) != 1:
             return super().forward(x)
-        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        dt = autocast_dtype(x)
         w, b = self.weight, self.bias
         training = torch.is_grad_enabled() and (
             x.requires_grad
@@ -102,6 +102,16 @@ class AutocastLayerNorm(nn.LayerNorm):
             return _kernels.layer_norm(x, w, b, self.eps, dt)
         # fewest host ops: one native norm (float32 output under autocast)
         return super().forward(x)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul or convolution of ``x`` runs in: the autocast dtype when autocast is
+    on for ``x``'s device and ``x`` is a floating tensor other than float64 (the ones autocast
+    casts), else ``x``'s own."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def tensors_key(*tensors: torch.Tensor | None) -> tuple:
@@ -196,10 +206,7 @@ class FoldedConvNormAct(ConvNormAct):
         # weights in either memory format and with the bias added separately
         if x.device.type != "cpu" or not fold_enabled(self):
             return super().forward(x)
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        w, b = self._folded(dtype)
+        w, b = self._folded(autocast_dtype(x))
         c = self.conv
         x = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
         return self.bn.act(self.bn.drop(x))

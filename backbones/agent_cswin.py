@@ -431,7 +431,7 @@ class CSWinStage(nn.Module):
         agent = [b for b in blocks if b.attn_type == "A"]
         if not agent:
             return [None] * len(blocks)
-        size, dtype = tuple(x.shape[1:3]), _agent.compute_dtype(x)
+        size, dtype = tuple(x.shape[1:3]), _agent.autocast_dtype(x)
         per_branch = []
         for j, branch in enumerate(agent[0].attns):
             attns = [b.attns[j] if b.attn_type == "A" else None for b in blocks]

@@ -387,7 +387,9 @@ class AgentDeiT(nn.Module):
         """Every agent block's attention biases, built together (``map_biases_group``) in the
         dtype its queries will have (the autocast dtype under autocast)."""
         attns = [b.attn if isinstance(b.attn, AgentAttention) else None for b in blocks]
-        return _agent.map_biases_group(attns, grid, grid, _agent.compute_dtype(x), class_token=True)
+        return _agent.map_biases_group(
+            attns, grid, grid, _agent.autocast_dtype(x), class_token=True
+        )
 
     def _run_block(
         self,

@@ -371,7 +371,7 @@ class AgentPVTStage(nn.Module):
         biases = [None] * len(attns)
         if first is not None:
             biases = _agent.map_biases_group(
-                attns, first.key_size((H, W)), (H, W), _agent.compute_dtype(x), first.agent_shape
+                attns, first.key_size((H, W)), (H, W), _agent.autocast_dtype(x), first.agent_shape
             )
         x = _agent.run_blocks(self.blocks, x, biases, (H, W), checkpointing=self.grad_checkpointing)
         return x.view(B, H, W, C)

@@ -416,7 +416,7 @@ class AgentSwinStage(nn.Module):
         first = next((a for a in attns if a is not None), None)
         size = tuple(x.shape[1:3])
         biases = _agent.map_biases_group(
-            attns, size, size, _agent.compute_dtype(x), first and first.agent_shape
+            attns, size, size, _agent.autocast_dtype(x), first and first.agent_shape
         )
         return _agent.run_blocks(self.blocks, x, biases, checkpointing=self.grad_checkpointing)
 

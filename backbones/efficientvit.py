@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from visionattn.backbones._convert import build_converted, head_classes, registered_variant
 from visionattn.backbones._layers import (
+    autocast_dtype,
     clear_memos,
     fold_bn,
     fold_enabled,
@@ -179,10 +180,7 @@ class ConvNorm(nn.Module):
         if nchw_in and identity:
             raise ValueError("identity: not supported with nchw_in")
         if fold_enabled(self):
-            dtype = x.dtype
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-            w, b = self._folded_params(dtype, identity and self.can_fold_identity)
+            w, b = self._folded_params(autocast_dtype(x), identity and self.can_fold_identity)
             y = self._apply_conv(x, w, b, nchw_in)
             if identity and not self.can_fold_identity:
                 y = x + y

@@ -188,3 +188,15 @@ def test_clear_memos_drops_values_a_silent_update_left_stale(name: str) -> None:
     assert _layers.clear_memos(model) == held
     with torch.no_grad():
         torch.testing.assert_close(model(x), fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_dtype_follows_what_autocast_casts() -> None:
+    """The dtype a matmul of ``x`` runs in, checked against autocast itself on the CPU."""
+    w = torch.randn(3, 3)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        x = torch.randn(2, 3).to(dtype)
+        assert _layers.autocast_dtype(x) == dtype  # autocast off
+        with torch.autocast("cpu", torch.bfloat16):
+            expect = torch.nn.functional.linear(x, w.to(dtype)).dtype
+            assert _layers.autocast_dtype(x) == expect, dtype
+    assert expect == torch.float64  # float64 is never cast
