@@ -148,7 +148,7 @@ def _na_fwd_kernel(
     RPB_BLOCKS: tl.constexpr, DRPB_BLOCKS: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr = False,
 ):  # fmt: skip
     """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DELTA, DQ and optionally DBIAS).
 
@@ -258,15 +258,23 @@ def _na_fwd_kernel(
 
     c = tl.arange(0, BLOCK_N)
     c0, c1, c2 = _decode3(c, KB1, KB2)
+    # window membership per axis as one unsigned compare: 0 <= key - lo <= hi - lo
+    # padding rows see no key (their bias loads and dS stay masked), at no per-element cost;
+    # their windows may be empty (hi < lo), which the unsigned compare would read as huge
+    ww0 = tl.where(row_ok, wh0 - wl0, 0).to(tl.uint32, bitcast=True)
+    wl0 = tl.where(row_ok, wl0, -(1 << 30))
+    ww1 = (wh1 - wl1).to(tl.uint32, bitcast=True)
+    ww2 = (wh2 - wl2).to(tl.uint32, bitcast=True)
     for j0 in range(lo0, hi0, KB0):
         kp0 = j0 + c0
-        m0 = (kp0[None, :] >= wl0[:, None]) & (kp0[None, :] <= wh0[:, None]) & row_ok[:, None]
+        m0 = (kp0[None, :] - wl0[:, None]).to(tl.uint32, bitcast=True) <= ww0[:, None]
         for j1 in range(lo1, hi1, KB1):
             kp1 = j1 + c1
-            m01 = m0 & (kp1[None, :] >= wl1[:, None]) & (kp1[None, :] <= wh1[:, None])
+            m01 = m0 & ((kp1[None, :] - wl1[:, None]).to(tl.uint32, bitcast=True) <= ww1[:, None])
             for j2 in range(lo2, hi2, KB2):
                 kp2 = j2 + c2
-                mask = m01 & (kp2[None, :] >= wl2[:, None]) & (kp2[None, :] <= wh2[:, None])
+                d2 = (kp2[None, :] - wl2[:, None]).to(tl.uint32, bitcast=True)
+                mask = m01 & (d2 <= ww2[:, None])
                 in_map = (kp0 >= 0) & (kp0 < lg0) & (kp1 >= 0) & (kp1 < lg1)
                 in_map = in_map & (kp2 >= 0) & (kp2 < lg2)
                 ki0 = kp0 * D0 + g0
@@ -282,7 +290,8 @@ def _na_fwd_kernel(
                     s = tl.dot(q, kt, input_precision="ieee")
                 else:
                     s = tl.dot(q, kt)
-                s = s * scale2
+                if not FOLD:
+                    s = s * scale2
                 if HAS_BIAS:
                     tt = ((kp0[None, :] - st0[:, None]) * K1 + (kp1[None, :] - st1[:, None])) * K2
                     tt = tt + (kp2[None, :] - st2[:, None])
@@ -306,7 +315,10 @@ def _na_fwd_kernel(
                     other=0.0,
                 )
                 if BWD:
-                    p = tl.exp2(s - lse2[:, None])
+                    if FOLD:
+                        p = tl.exp2(s * scale2 - lse2[:, None])
+                    else:
+                        p = tl.exp2(s - lse2[:, None])
                     if IEEE:
                         dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
                     else:
@@ -329,9 +341,14 @@ def _na_fwd_kernel(
                     else:
                         dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
                 else:
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    if FOLD:
+                        # raw logits: the scale rides in the exponent's FMA (scale > 0)
+                        m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
+                        p = tl.exp2(s * scale2 - m_new[:, None])
+                    else:
+                        m_new = tl.maximum(m_i, tl.max(s, 1))
+                        p = tl.exp2(s - m_new[:, None])
                     alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, 1)
                     acc = acc * alpha[:, None]
                     if IEEE:
@@ -378,7 +395,7 @@ def _na_bwd_kv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, RPB_BLOCKS: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
     QB0: tl.constexpr, QB1: tl.constexpr, QB2: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr = False,
 ):  # fmt: skip
     """dK and dV of one key tile. ``RPB_BLOCKS``: ``RPB`` holds the rpb values already laid
     out per (query block, key, query) (:func:`_rpb_kv_blocks`), read as contiguous blocks."""
@@ -455,22 +472,30 @@ def _na_bwd_kv_kernel(
 
     r = tl.arange(0, BLOCK_M)
     r0, r1, r2 = _decode3(r, QB1, QB2)
+    # window membership per axis as one unsigned compare (0 <= key - lo <= hi - lo); keys
+    # past the map and padding queries are folded into the per-key / per-query operands
+    km0 = tl.where(key_ok, kp0, -(1 << 30))
     for i0 in range(lo0, hi0, QB0):
         qp0 = i0 + r0
         st0, wl0, wh0 = _window(qp0, lg0, K0, S0, C0, ZERO)
-        m0 = (kp0[:, None] >= wl0[None, :]) & (kp0[:, None] <= wh0[None, :]) & key_ok[:, None]
+        ww0 = (wh0 - wl0).to(tl.uint32, bitcast=True)
+        m0 = (km0[:, None] - wl0[None, :]).to(tl.uint32, bitcast=True) <= ww0[None, :]
         for i1 in range(lo1, hi1, QB1):
             qp1 = i1 + r1
             st1, wl1, wh1 = _window(qp1, lg1, K1, S1, C1, ZERO)
-            m01 = m0 & (kp1[:, None] >= wl1[None, :]) & (kp1[:, None] <= wh1[None, :])
+            ww1 = (wh1 - wl1).to(tl.uint32, bitcast=True)
+            m01 = m0 & ((kp1[:, None] - wl1[None, :]).to(tl.uint32, bitcast=True) <= ww1[None, :])
             for i2 in range(lo2, hi2, QB2):
                 qp2 = i2 + r2
                 st2, wl2, wh2 = _window(qp2, lg2, K2, S2, C2, ZERO)
                 q_ok = (qp0 < hi0) & (qp1 < hi1) & (qp2 < hi2)
                 if RPB_BLOCKS:
                     q_ok = q_ok & (qp0 >= 0) & (qp1 >= 0) & (qp2 >= 0)
-                mask = m01 & (kp2[:, None] >= wl2[None, :]) & (kp2[:, None] <= wh2[None, :])
-                mask = mask & q_ok[None, :]
+                ww2 = tl.where(q_ok, wh2 - wl2, 0).to(tl.uint32, bitcast=True)
+                wm2 = tl.where(q_ok, wl2, -(1 << 30))
+                mask = m01 & (
+                    (kp2[:, None] - wm2[None, :]).to(tl.uint32, bitcast=True) <= ww2[None, :]
+                )
                 qi0 = qp0 * D0 + g0
                 qi1 = qp1 * D1 + g1
                 qi2 = qp2 * D2 + g2
@@ -494,7 +519,8 @@ def _na_bwd_kv_kernel(
                     st = tl.dot(kk, qt, input_precision="ieee")
                 else:
                     st = tl.dot(kk, qt)
-                st = st * scale2
+                if not FOLD:
+                    st = st * scale2
                 if HAS_BIAS:
                     tt = ((kp0[:, None] - st0[None, :]) * K1 + (kp1[:, None] - st1[None, :])) * K2
                     tt = tt + (kp2[:, None] - st2[None, :])
@@ -511,7 +537,10 @@ def _na_bwd_kv_kernel(
                         rq = (qp0 * T1 + qp1) * T2 + qp2
                         rv = tl.load(rpb_h + (rk[:, None] - rq[None, :]), mask=mask, other=0.0)
                     st = st + rv.to(tl.float32) * 1.4426950408889634
-                pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)  # [N, M]
+                if FOLD:
+                    pt = tl.where(mask, tl.exp2(st * scale2 - lse2[None, :]), 0.0)  # [N, M]
+                else:
+                    pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
                 if IEEE:
                     dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
                     dpt = tl.dot(vv, dot_, input_precision="ieee")
@@ -576,7 +605,7 @@ def _na_win_kernel(
     HAS_BIAS: tl.constexpr, HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr,
     BWD: tl.constexpr, DBIAS_MODE: tl.constexpr, WRITE_DTILE: tl.constexpr,
     P: tl.constexpr, WP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, FOLD: tl.constexpr = False,
 ):  # fmt: skip
     """Whole-window attention: ``P`` windows of ``WP`` (padded) tokens per program, looping
     over ``BPER`` batch elements. Forward writes O and LSE; ``BWD`` writes dq, dk, dv and, per
@@ -644,7 +673,9 @@ def _na_win_kernel(
         q = tl.load(Q + bb * sqb + q_off, mask=qmask, other=0.0)
         k = tl.load(Kp + bb * skb + k_off, mask=qmask, other=0.0)
         v = tl.load(V + bb * svb + v_off, mask=vmask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * scale2
+        s = _dot(q, tl.trans(k), IEEE)
+        if not FOLD:
+            s = s * scale2
         if HAS_RPB:
             s = s + tb
         if HAS_BIAS:
@@ -660,7 +691,10 @@ def _na_win_kernel(
             if HAS_DLSE:
                 delta = delta - tl.load(DLSE + lrow, mask=ok, other=0.0)
             lse2 = tl.load(LSE + lrow, mask=ok, other=0.0) * 1.4426950408889634
-            p = tl.where(same, tl.exp2(s - lse2[:, None]), 0.0)
+            if FOLD:
+                p = tl.where(same, tl.exp2(s * scale2 - lse2[:, None]), 0.0)
+            else:
+                p = tl.where(same, tl.exp2(s - lse2[:, None]), 0.0)
             dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
@@ -679,8 +713,13 @@ def _na_win_kernel(
             if WRITE_DTILE:
                 dt_sum += ds
         else:
-            m = tl.max(s, 1)
-            pe = tl.exp2(s - m[:, None])
+            if FOLD:
+                # raw logits: max first, the (positive) scale rides in the exponent's FMA
+                m = tl.max(s, 1) * scale2
+                pe = tl.exp2(s * scale2 - m[:, None])
+            else:
+                m = tl.max(s, 1)
+                pe = tl.exp2(s - m[:, None])
             l_i = tl.sum(pe, 1)
             o = _dot(pe.to(v.dtype), v, IEEE) / l_i[:, None]
             tl.store(Out + bb * sob + o_off, o.to(Out.dtype.element_ty), mask=vmask)
@@ -936,6 +975,10 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
         if len(flags) == 8:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
+            # no logit bias: the scale folds into the exponent's FMA. Masked logits are -inf
+            # before the scale and the forward's running max is taken on raw logits, so
+            # only a positive scale folds.
+            d["FOLD"] = not gathers and pl.scale2 > 0 and not _TUNE.get("no_fold")
             if flags[1]:
                 d.update(pl.rpb_kb)
                 if flags[6]:
@@ -943,6 +986,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
         else:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
+            d["FOLD"] = not (flags[0] or flags[1]) and pl.scale2 > 0 and not _TUNE.get("no_fold")
         blocks = len(flags) == 8 and flags[6]
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks))
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
@@ -1255,7 +1299,10 @@ def _win_call(
     m = wp.metas.get(flags)
     if m is None:
         base = wp.meta_bwd if bwd else wp.meta
-        m = wp.metas[flags] = _meta(dict(base, **dict(zip(_WIN_FLAGS, flags))))
+        d = dict(base, **dict(zip(_WIN_FLAGS, flags)))
+        # no logit bias: the scale folds into the exponent (see the general kernels' FOLD)
+        d["FOLD"] = not (flags[0] or flags[1]) and wp.scale2 > 0 and not _TUNE.get("no_fold")
+        m = wp.metas[flags] = _meta(d)
     splits, bper = wp.bwd_split if bwd else wp.fwd_split
     _win_launch(
         (wp.ntiles * wp.sizes[1], splits),

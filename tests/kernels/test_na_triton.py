@@ -214,6 +214,20 @@ _RPB_CASES = [
 ]
 
 
+# Scale folded into the exponent (FOLD: unbiased launches with a positive scale) and left out
+# (negative scales, where the raw-logit running max and the -inf masks would be wrong):
+# general kernels with padding query rows and keys past the map, a causal 1-D case, and the
+# whole-window kernel.
+_FOLD_CASES = [
+    dict(spatial=[13, 11], kernel_size=[5, 3], scale=0.3, batch=2),
+    dict(spatial=[13, 11], kernel_size=[5, 3], scale=-0.3, batch=2),
+    dict(spatial=[13, 10], kernel_size=[4, 5], stride=[2, 1], border="zero", scale=-0.25),
+    dict(spatial=[37], kernel_size=[7], is_causal=[True], scale=-0.4),
+    dict(spatial=[8, 8], kernel_size=[4, 4], stride=[4, 4], scale=0.3),
+    dict(spatial=[8, 8], kernel_size=[4, 4], stride=[4, 4], scale=-0.3),
+]
+
+
 def _fixed_cfg(over: dict, **defaults) -> dict:
     """A full config for :func:`check_config`: unit stride/dilation, no causal axis, clamped
     borders, no biases, unless ``defaults`` or ``over`` say otherwise."""
@@ -328,6 +342,13 @@ def _interpreted(kind: str, case: int) -> dict:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(_FOLD_CASES)))
+def test_scale_fold_interpreter(case):
+    result = _interpreted("fold", case)
+    assert result["fold"] == (_FOLD_CASES[case]["scale"] > 0)
+    assert result["error"] is None, result["error"]
 
 
 @pytest.mark.parametrize("case", range(len(_WINDOW_CASES)))
@@ -474,10 +495,28 @@ def _rpb_worker(case: int) -> dict:
     return dict(blocks=blocks, error=check_config(cfg, torch.float32, "cpu", 31 + case))
 
 
+def _fold_worker(case: int) -> dict:
+    """One ``_FOLD_CASES`` config against the reference, and whether its launches folded."""
+    from visionattn.kernels import na_triton
+
+    cfg = _fixed_cfg(_FOLD_CASES[case])
+    folded = []
+    for name in ("_fwd_launch", "_kv_launch", "_win_launch"):
+
+        def spy(*args, _launch=getattr(na_triton, name), **kwargs):
+            folded.append(args[3].get("FOLD"))
+            return _launch(*args, **kwargs)
+
+        setattr(na_triton, name, spy)  # this worker process only
+    error = check_config(cfg, torch.float32, "cpu", 51 + case)
+    assert folded and len(set(folded)) == 1, folded
+    return dict(fold=folded[0], error=error)
+
+
 if __name__ == "__main__":  # sweep worker: chunk count [cuda]; on CPU TRITON_INTERPRET=1 is set
     torch.set_num_threads(1)
-    if sys.argv[1] in ("window", "rpb"):
-        worker = _window_worker if sys.argv[1] == "window" else _rpb_worker
+    if sys.argv[1] in ("window", "rpb", "fold"):
+        worker = {"window": _window_worker, "rpb": _rpb_worker, "fold": _fold_worker}[sys.argv[1]]
         print(json.dumps(worker(int(sys.argv[2]))))
         sys.exit(0)
     chunk, count = int(sys.argv[1]), int(sys.argv[2])
