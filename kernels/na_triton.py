@@ -787,7 +787,12 @@ def _launch_opts(
     if rpb_blocks and n == 2 and head <= 32 and not ieee:
         # 2 stages (H200, B128 NAT-mini stages 56/28/14): dq + dk/dv 1881 -> 1622,
         # 1156 -> 1005, 550 -> 482 us; forward 430 -> 406, 245 -> 229, 148 -> 143 (session 7,
-        # kernels/NOTES.md)
+        # kernels/NOTES.md). The dk/dv launch reading rpb blocks too: B64 56x56 k7 backward
+        # 871 -> 821 us (session 11).
+        opts["num_stages"] = 2
+    if not bwd and not gathers and n == 2 and head <= 32 and not ieee:
+        # 2 stages for the unbiased forward: 56x56 k7 B64 125 -> 118 us, 128x128 k7
+        # 318 -> 300, HaloNet 64 162 -> 154 (H200, CUDA graph, session 11)
         opts["num_stages"] = 2
     if n == 2 and head <= 32 and not ieee:
         # 2 warps: 56x56 k7 d32 forward 156 -> 131 us, backward 584 -> 488 (with 8x8 query
@@ -987,7 +992,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
             d["FOLD"] = not (flags[0] or flags[1]) and pl.scale2 > 0 and not _TUNE.get("no_fold")
-        blocks = len(flags) == 8 and flags[6]
+        blocks = flags[6] if len(flags) == 8 else flags[2]
         d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks))
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
             for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):

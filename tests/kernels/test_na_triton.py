@@ -263,10 +263,11 @@ def test_window_plan_choice():
 
 
 def test_general_launch_options():
-    """Launch policy of the general kernels (measured on H200, kernels/NOTES.md session 6):
+    """Launch policy of the general kernels (measured on H200, kernels/NOTES.md sessions 6-11):
     2 warps only for unbiased 2-D half-precision calls with heads <= 32 (biased 2-warp
     variants spilled: HaloNet's dk/dv 11x slower), 2x16 key blocks when the rpb table is read,
-    one pipeline stage for the backward of wide heads."""
+    one pipeline stage for the backward of wide heads, two for narrow unbiased forwards and
+    for launches reading rpb blocks."""
     pytest.importorskip("triton")
     from visionattn.kernels import na_triton
     from visionattn.kernels._common import NAParams
@@ -280,7 +281,9 @@ def test_general_launch_options():
 
     fwd = (False,) * 8
     c, o = launch(q, fwd)
-    assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8)
+    assert o["num_warps"] == 2 and (c["KB1"], c["KB2"]) == (8, 8) and o["num_stages"] == 2
+    assert c["FOLD"] and not launch(q, (False, True) + fwd[2:])[0]["FOLD"]  # scale folding
+    assert "num_stages" not in launch(q, fwd[:3] + (True,) + fwd[4:])[1]  # unbiased dq pass
     c, o = launch(q, (False, True) + fwd[2:])  # rpb: 4 warps, 2x16 key blocks
     assert o["num_warps"] == 4 and (c["KB1"], c["KB2"]) == (2, 16)
     assert launch(q, (True,) + fwd[1:])[1]["num_warps"] == 4  # attn_bias
@@ -302,6 +305,8 @@ def test_general_launch_options():
     assert launch(wide, (False, True, False, True, False, False, True, True))[0]["KB2"] == 16
     assert launch(q, (True, False, False))[1]["num_warps"] == 4  # dk/dv with attn_bias
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
+    assert launch(q, (False, True, True))[1]["num_stages"] == 2  # ... reading rpb blocks
+    assert "num_stages" not in launch(q, (False, False, False))[1]
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
     assert launch(wide, fwd)[1].get("num_warps") is None
     assert launch(wide, (False, False, False))[1]["num_stages"] == 1
