@@ -756,7 +756,7 @@ def _tile(lg: int, want: int) -> int:
 
 # Tile boxes per rank (measured on H200, see NOTES.md); _TUNE overrides them for
 # experiments: keys "tq", "kb", "kt", "qb", "dq_kb" (3-tuples), "warps", "stages", "bwd_warps",
-# "dq_warps", "dq_stages"; "no_rpb_blocks" (gather rpb from the table), "nk_drpb" (rpb's
+# "dq_warps", "dq_stages", "maxnreg", "bwd_maxnreg", "dq_maxnreg", "no_fold"; "no_rpb_blocks" (gather rpb from the table), "nk_drpb" (rpb's
 # gradient through [1, h, N, K] dS atomics instead of the blocks layout).
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
@@ -776,11 +776,18 @@ def _head_pads(dk: int, dv: int) -> tuple[int, int]:
 
 
 def _launch_opts(
-    bwd: bool, ieee: bool, n: int, head: int, gathers: bool, rpb_blocks: bool = False
+    bwd: bool,
+    ieee: bool,
+    n: int,
+    head: int,
+    gathers: bool,
+    rpb_blocks: bool = False,
+    dq: bool = False,
 ) -> dict:
-    """num_warps / num_stages of one general-kernel launch (the window kernel has its own).
-    ``gathers``: the launch reads a logit bias (any kernel) or the rpb table (forward/dq);
-    ``rpb_blocks``: a forward/dq launch reads precomputed rpb blocks instead."""
+    """num_warps / num_stages / maxnreg of one general-kernel launch (the window kernel has
+    its own). ``gathers``: the launch reads a logit bias (any kernel) or the rpb table
+    (forward/dq); ``rpb_blocks``: it reads precomputed rpb blocks instead; ``dq``: the dq
+    pass (``bwd`` covers it and the dk/dv pass)."""
     opts = {}
     if ieee and head >= 64:  # fp32 tiles with wide heads overflow shared memory when pipelined
         opts["num_stages"] = 1
@@ -804,6 +811,22 @@ def _launch_opts(
         # with 4 warps, 24 with 4 warps and 8x16 query blocks), so rpb counts as a gather
         # only for the forward/dq kernel.
         opts["num_warps"] = 4 if gathers else 2
+    if n == 2 and not ieee:
+        # A register cap trades a few spills for resident programs: the 2-D forward held
+        # 247 registers at 2 warps (4 programs of 64 threads per SM, 12% warps active, stalls
+        # on fixed-latency dependencies; ncu, session 11). H200, CUDA-graph us, default ->
+        # capped: forward, heads <= 32 at 168: 56x56 k7 119 -> 108, + rpb 214 -> 178,
+        # 128x128 k7 301 -> 271, HaloNet 156 -> 140; 64-wide at 128: 128x128 k13 365 -> 292.
+        # dq pass reading rpb blocks at 128: 827 -> 777 (56x56 k7 dq + dk/dv); 64-wide at 168:
+        # 1481 -> 1381. 128-wide heads, the dk/dv pass and the unbiased narrow dq pass lost
+        # or stayed within 2% with any cap (session 11, kernels/NOTES.md).
+        cap = None
+        if not bwd:
+            cap = 168 if head <= 32 else 128 if head <= 64 else None
+        elif dq:
+            cap = (128 if rpb_blocks else None) if head <= 32 else 168 if head <= 64 else None
+        if cap:
+            opts["maxnreg"] = cap
     if bwd and head >= 64:
         # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it
         # ran 128x128 k13 d64 2.65 -> 1.49 ms and 64x64 k9 d128 0.39 -> 0.22 ms (H200)
@@ -813,6 +836,8 @@ def _launch_opts(
         opts["num_warps"] = w
     if _TUNE.get("stages"):
         opts["num_stages"] = _TUNE["stages"]
+    if _TUNE.get("bwd_maxnreg" if bwd else "maxnreg"):
+        opts["maxnreg"] = _TUNE["bwd_maxnreg" if bwd else "maxnreg"]
     return opts
 
 
@@ -961,7 +986,7 @@ def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
 
 def _meta(consts: dict) -> tuple:
     """Split a launch dict into (constexprs, options, hashable key) for :class:`DirectLauncher`."""
-    opts = {k: consts.pop(k) for k in ("num_warps", "num_stages") if k in consts}
+    opts = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in consts}
     return consts, opts, (tuple(consts.items()), tuple(opts.items()))
 
 
@@ -993,9 +1018,14 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
             d["FOLD"] = not (flags[0] or flags[1]) and pl.scale2 > 0 and not _TUNE.get("no_fold")
         blocks = flags[6] if len(flags) == 8 else flags[2]
-        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks))
+        is_dq = len(flags) == 8 and bwd
+        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks, is_dq))
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
-            for key, opt in (("dq_warps", "num_warps"), ("dq_stages", "num_stages")):
+            for key, opt in (
+                ("dq_warps", "num_warps"),
+                ("dq_stages", "num_stages"),
+                ("dq_maxnreg", "maxnreg"),
+            ):
                 if _TUNE.get(key):
                     d[opt] = _TUNE[key]
         if flags[0] and flags[1]:

@@ -307,6 +307,17 @@ def test_general_launch_options():
     assert launch(q, (False, True, True))[1]["num_warps"] == 2  # dk/dv with rpb alone
     assert launch(q, (False, True, True))[1]["num_stages"] == 2  # ... reading rpb blocks
     assert "num_stages" not in launch(q, (False, False, False))[1]
+    # register caps (resident programs over spills): narrow forwards 168, 64-wide 128; the dq
+    # pass reading rpb blocks 128, 64-wide 168; never the dk/dv pass, fp32 or 128-wide heads
+    assert launch(q, fwd)[1]["maxnreg"] == 168
+    assert launch(q, (False, True, False, True, False, False, True, True))[1]["maxnreg"] == 128
+    assert "maxnreg" not in launch(q, fwd[:3] + (True,) + fwd[4:])[1]  # unbiased narrow dq
+    assert "maxnreg" not in launch(q, (False, True, True))[1]
+    assert "maxnreg" not in launch(q.float(), fwd)[1]
+    assert launch(wide, fwd)[1]["maxnreg"] == 128
+    assert launch(wide, fwd[:3] + (True,) + fwd[4:])[1]["maxnreg"] == 168
+    d128 = torch.empty(2, 56, 56, 2, 128, dtype=torch.bfloat16)
+    assert "maxnreg" not in launch(d128, fwd)[1]
     assert launch(q.float(), fwd)[1].get("num_warps") is None  # fp32: Triton's default
     assert launch(wide, fwd)[1].get("num_warps") is None
     assert launch(wide, (False, False, False))[1]["num_stages"] == 1
