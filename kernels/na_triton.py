@@ -756,7 +756,8 @@ def _tile(lg: int, want: int) -> int:
 
 # Tile boxes per rank (measured on H200, see NOTES.md); _TUNE overrides them for
 # experiments: keys "tq", "kb", "kt", "qb", "dq_kb" (3-tuples), "warps", "stages", "bwd_warps",
-# "dq_warps", "dq_stages", "maxnreg", "bwd_maxnreg", "dq_maxnreg", "no_fold"; "no_rpb_blocks" (gather rpb from the table), "nk_drpb" (rpb's
+# "dq_warps", "dq_stages", "maxnreg", "bwd_maxnreg", "dq_maxnreg", "no_cap", "no_fold";
+# "no_rpb_blocks" (gather rpb from the table), "nk_drpb" (rpb's
 # gradient through [1, h, N, K] dS atomics instead of the blocks layout).
 _TUNE: dict = {}
 _DEFAULT_TILES = {1: (1, 1, 64), 2: (1, 8, 8), 3: (4, 4, 4)}
@@ -825,7 +826,7 @@ def _launch_opts(
             cap = 168 if head <= 32 else 128 if head <= 64 else None
         elif dq:
             cap = (128 if rpb_blocks else None) if head <= 32 else 168 if head <= 64 else None
-        if cap:
+        if cap and not _TUNE.get("no_cap"):
             opts["maxnreg"] = cap
     if bwd and head >= 64:
         # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it
