@@ -784,11 +784,12 @@ def _launch_opts(
     gathers: bool,
     rpb_blocks: bool = False,
     dq: bool = False,
+    attn_bias: bool = False,
 ) -> dict:
     """num_warps / num_stages / maxnreg of one general-kernel launch (the window kernel has
     its own). ``gathers``: the launch reads a logit bias (any kernel) or the rpb table
     (forward/dq); ``rpb_blocks``: it reads precomputed rpb blocks instead; ``dq``: the dq
-    pass (``bwd`` covers it and the dk/dv pass)."""
+    pass (``bwd`` covers it and the dk/dv pass); ``attn_bias``: it reads an attn_bias."""
     opts = {}
     if ieee and head >= 64:  # fp32 tiles with wide heads overflow shared memory when pipelined
         opts["num_stages"] = 1
@@ -820,13 +821,15 @@ def _launch_opts(
         # 128x128 k7 301 -> 271, HaloNet 156 -> 140; 64-wide at 128: 128x128 k13 365 -> 292.
         # dq pass reading rpb blocks at 128: 827 -> 777 (56x56 k7 dq + dk/dv); 64-wide at 168:
         # 1481 -> 1381. 128-wide heads, the dk/dv pass and the unbiased narrow dq pass lost
-        # or stayed within 2% with any cap (session 11, kernels/NOTES.md).
+        # or stayed within 2% with any cap. Launches gathering an attn_bias stay uncapped:
+        # HaloNet50ts inference fell 7198 -> 6459 img/s with the cap (session 11,
+        # kernels/NOTES.md).
         cap = None
         if not bwd:
             cap = 168 if head <= 32 else 128 if head <= 64 else None
         elif dq:
             cap = (128 if rpb_blocks else None) if head <= 32 else 168 if head <= 64 else None
-        if cap and not _TUNE.get("no_cap"):
+        if cap and not attn_bias and not _TUNE.get("no_cap"):
             opts["maxnreg"] = cap
     if bwd and head >= 64:
         # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it
@@ -1020,7 +1023,10 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             d["FOLD"] = not (flags[0] or flags[1]) and pl.scale2 > 0 and not _TUNE.get("no_fold")
         blocks = flags[6] if len(flags) == 8 else flags[2]
         is_dq = len(flags) == 8 and bwd
-        d.update(_launch_opts(bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks, is_dq))
+        opts = _launch_opts(
+            bwd, pl.ieee, pl.n, max(pl.dkp, pl.dvp), gathers, blocks, is_dq, bool(flags[0])
+        )
+        d.update(opts)
         if len(flags) == 8 and bwd:  # experiment knobs of the dq pass alone
             for key, opt in (
                 ("dq_warps", "num_warps"),

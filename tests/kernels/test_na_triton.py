@@ -308,11 +308,13 @@ def test_general_launch_options():
     assert launch(q, (False, True, True))[1]["num_stages"] == 2  # ... reading rpb blocks
     assert "num_stages" not in launch(q, (False, False, False))[1]
     # register caps (resident programs over spills): narrow forwards 168, 64-wide 128; the dq
-    # pass reading rpb blocks 128, 64-wide 168; never the dk/dv pass, fp32 or 128-wide heads
+    # pass reading rpb blocks 128, 64-wide 168; never the dk/dv pass, an attn_bias, fp32 or
+    # 128-wide heads
     assert launch(q, fwd)[1]["maxnreg"] == 168
     assert launch(q, (False, True, False, True, False, False, True, True))[1]["maxnreg"] == 128
     assert "maxnreg" not in launch(q, fwd[:3] + (True,) + fwd[4:])[1]  # unbiased narrow dq
     assert "maxnreg" not in launch(q, (False, True, True))[1]
+    assert "maxnreg" not in launch(q, (True,) + fwd[1:])[1]  # attn_bias gathers: uncapped
     assert "maxnreg" not in launch(q.float(), fwd)[1]
     assert launch(wide, fwd)[1]["maxnreg"] == 128
     assert launch(wide, fwd[:3] + (True,) + fwd[4:])[1]["maxnreg"] == 168
