@@ -149,6 +149,7 @@ def _na_fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     KB0: tl.constexpr, KB1: tl.constexpr, KB2: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr = False,
+    UMASK: tl.constexpr = True,
 ):  # fmt: skip
     """Forward (BWD=False: O, LSE) or dq pass (BWD=True: DELTA, DQ and optionally DBIAS).
 
@@ -258,23 +259,35 @@ def _na_fwd_kernel(
 
     c = tl.arange(0, BLOCK_N)
     c0, c1, c2 = _decode3(c, KB1, KB2)
-    # window membership per axis as one unsigned compare: 0 <= key - lo <= hi - lo
-    # padding rows see no key (their bias loads and dS stay masked), at no per-element cost;
-    # their windows may be empty (hi < lo), which the unsigned compare would read as huge
+    # UMASK: window membership per axis as one unsigned compare, 0 <= key - lo <= hi - lo,
+    # with padding rows folded into the row operands (no key: their bias loads and dS stay
+    # masked); their windows may be empty (hi < lo), which the unsigned compare would read as
+    # huge. Otherwise two signed compares per axis and the row mask per element.
     ww0 = tl.where(row_ok, wh0 - wl0, 0).to(tl.uint32, bitcast=True)
-    wl0 = tl.where(row_ok, wl0, -(1 << 30))
+    wm0 = tl.where(row_ok, wl0, -(1 << 30))
     ww1 = (wh1 - wl1).to(tl.uint32, bitcast=True)
     ww2 = (wh2 - wl2).to(tl.uint32, bitcast=True)
     for j0 in range(lo0, hi0, KB0):
         kp0 = j0 + c0
-        m0 = (kp0[None, :] - wl0[:, None]).to(tl.uint32, bitcast=True) <= ww0[:, None]
+        if UMASK:
+            m0 = (kp0[None, :] - wm0[:, None]).to(tl.uint32, bitcast=True) <= ww0[:, None]
+        else:
+            m0 = (kp0[None, :] >= wl0[:, None]) & (kp0[None, :] <= wh0[:, None])
+            m0 = m0 & row_ok[:, None]
         for j1 in range(lo1, hi1, KB1):
             kp1 = j1 + c1
-            m01 = m0 & ((kp1[None, :] - wl1[:, None]).to(tl.uint32, bitcast=True) <= ww1[:, None])
+            if UMASK:
+                d1 = (kp1[None, :] - wl1[:, None]).to(tl.uint32, bitcast=True)
+                m01 = m0 & (d1 <= ww1[:, None])
+            else:
+                m01 = m0 & (kp1[None, :] >= wl1[:, None]) & (kp1[None, :] <= wh1[:, None])
             for j2 in range(lo2, hi2, KB2):
                 kp2 = j2 + c2
-                d2 = (kp2[None, :] - wl2[:, None]).to(tl.uint32, bitcast=True)
-                mask = m01 & (d2 <= ww2[:, None])
+                if UMASK:
+                    d2 = (kp2[None, :] - wl2[:, None]).to(tl.uint32, bitcast=True)
+                    mask = m01 & (d2 <= ww2[:, None])
+                else:
+                    mask = m01 & (kp2[None, :] >= wl2[:, None]) & (kp2[None, :] <= wh2[:, None])
                 in_map = (kp0 >= 0) & (kp0 < lg0) & (kp1 >= 0) & (kp1 < lg1)
                 in_map = in_map & (kp2 >= 0) & (kp2 < lg2)
                 ki0 = kp0 * D0 + g0
@@ -1013,6 +1026,9 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
             # before the scale and the forward's running max is taken on raw logits, so
             # only a positive scale folds.
             d["FOLD"] = not gathers and pl.scale2 > 0 and not _TUNE.get("no_fold")
+            # the signed two-compare masks for attn_bias launches: HaloNet50ts inference ran
+            # 3% slower with the unsigned form (H200, session 11)
+            d["UMASK"] = _TUNE.get("umask", not flags[0])
             if flags[1]:
                 d.update(pl.rpb_kb)
                 if flags[6]:
