@@ -101,6 +101,26 @@ def _window(ip, lg, K, S, causal, zero):
 
 
 @triton.jit
+def _exp2_shifted(s, scale2, shift, FOLD: tl.constexpr):
+    """``exp2(scaled logits - shift)``. ``FOLD``: ``s`` holds raw logits and the (positive)
+    scale rides in the FMA; else ``s`` is already scaled."""
+    if FOLD:
+        e = tl.exp2(s * scale2 - shift)
+    else:
+        e = tl.exp2(s - shift)
+    return e
+
+
+@triton.jit
+def _scaled_max(s, axis: tl.constexpr, scale2, FOLD: tl.constexpr):
+    """Row max of the scaled logits (a positive scale commutes with the max)."""
+    m = tl.max(s, axis)
+    if FOLD:
+        m = m * scale2
+    return m
+
+
+@triton.jit
 def _decode3(r, T1: tl.constexpr, T2: tl.constexpr):
     return r // (T1 * T2), (r // T2) % T1, r % T2
 
@@ -263,10 +283,11 @@ def _na_fwd_kernel(
     # with padding rows folded into the row operands (no key: their bias loads and dS stay
     # masked); their windows may be empty (hi < lo), which the unsigned compare would read as
     # huge. Otherwise two signed compares per axis and the row mask per element.
-    ww0 = tl.where(row_ok, wh0 - wl0, 0).to(tl.uint32, bitcast=True)
-    wm0 = tl.where(row_ok, wl0, -(1 << 30))
-    ww1 = (wh1 - wl1).to(tl.uint32, bitcast=True)
-    ww2 = (wh2 - wl2).to(tl.uint32, bitcast=True)
+    if UMASK:
+        ww0 = tl.where(row_ok, wh0 - wl0, 0).to(tl.uint32, bitcast=True)
+        wm0 = tl.where(row_ok, wl0, -(1 << 30))
+        ww1 = (wh1 - wl1).to(tl.uint32, bitcast=True)
+        ww2 = (wh2 - wl2).to(tl.uint32, bitcast=True)
     for j0 in range(lo0, hi0, KB0):
         kp0 = j0 + c0
         if UMASK:
@@ -328,10 +349,7 @@ def _na_fwd_kernel(
                     other=0.0,
                 )
                 if BWD:
-                    if FOLD:
-                        p = tl.exp2(s * scale2 - lse2[:, None])
-                    else:
-                        p = tl.exp2(s - lse2[:, None])
+                    p = _exp2_shifted(s, scale2, lse2[:, None], FOLD)
                     if IEEE:
                         dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
                     else:
@@ -354,13 +372,8 @@ def _na_fwd_kernel(
                     else:
                         dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
                 else:
-                    if FOLD:
-                        # raw logits: the scale rides in the exponent's FMA (scale > 0)
-                        m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
-                        p = tl.exp2(s * scale2 - m_new[:, None])
-                    else:
-                        m_new = tl.maximum(m_i, tl.max(s, 1))
-                        p = tl.exp2(s - m_new[:, None])
+                    m_new = tl.maximum(m_i, _scaled_max(s, 1, scale2, FOLD))
+                    p = _exp2_shifted(s, scale2, m_new[:, None], FOLD)
                     alpha = tl.exp2(m_i - m_new)
                     l_i = l_i * alpha + tl.sum(p, 1)
                     acc = acc * alpha[:, None]
@@ -550,10 +563,7 @@ def _na_bwd_kv_kernel(
                         rq = (qp0 * T1 + qp1) * T2 + qp2
                         rv = tl.load(rpb_h + (rk[:, None] - rq[None, :]), mask=mask, other=0.0)
                     st = st + rv.to(tl.float32) * 1.4426950408889634
-                if FOLD:
-                    pt = tl.where(mask, tl.exp2(st * scale2 - lse2[None, :]), 0.0)  # [N, M]
-                else:
-                    pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
+                pt = tl.where(mask, _exp2_shifted(st, scale2, lse2[None, :], FOLD), 0.0)
                 if IEEE:
                     dv_acc += tl.dot(pt, tl.trans(dot_), input_precision="ieee")
                     dpt = tl.dot(vv, dot_, input_precision="ieee")
@@ -704,10 +714,7 @@ def _na_win_kernel(
             if HAS_DLSE:
                 delta = delta - tl.load(DLSE + lrow, mask=ok, other=0.0)
             lse2 = tl.load(LSE + lrow, mask=ok, other=0.0) * 1.4426950408889634
-            if FOLD:
-                p = tl.where(same, tl.exp2(s * scale2 - lse2[:, None]), 0.0)
-            else:
-                p = tl.where(same, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.where(same, _exp2_shifted(s, scale2, lse2[:, None], FOLD), 0.0)
             dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
@@ -726,13 +733,8 @@ def _na_win_kernel(
             if WRITE_DTILE:
                 dt_sum += ds
         else:
-            if FOLD:
-                # raw logits: max first, the (positive) scale rides in the exponent's FMA
-                m = tl.max(s, 1) * scale2
-                pe = tl.exp2(s * scale2 - m[:, None])
-            else:
-                m = tl.max(s, 1)
-                pe = tl.exp2(s - m[:, None])
+            m = _scaled_max(s, 1, scale2, FOLD)
+            pe = _exp2_shifted(s, scale2, m[:, None], FOLD)
             l_i = tl.sum(pe, 1)
             o = _dot(pe.to(v.dtype), v, IEEE) / l_i[:, None]
             tl.store(Out + bb * sob + o_off, o.to(Out.dtype.element_ty), mask=vmask)
@@ -1014,6 +1016,13 @@ def _strides_of(t: Tensor, n: int) -> tuple[int, ...]:
     return (st[0], *_pad3(st[1 : 1 + n], n, 0), st[-2], st[-1])
 
 
+def _fold(biased: bool, scale2: float) -> bool:
+    """Whether a launch folds the softmax scale into the exponent's FMA (``FOLD``): only
+    without a logit bias (bias terms are added to scaled logits) and with a positive scale
+    (masked logits are -inf before scaling and the running max is taken on raw logits)."""
+    return not biased and scale2 > 0 and not _TUNE.get("no_fold")
+
+
 def _meta(consts: dict) -> tuple:
     """Split a launch dict into (constexprs, options, hashable key) for :class:`DirectLauncher`."""
     opts = {k: consts.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in consts}
@@ -1035,10 +1044,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
         if len(flags) == 8:
             bwd, gathers = flags[3], flags[0] or flags[1]
             d = dict(pl.fwd_consts, **dict(zip(_FWD_FLAGS, flags)))
-            # no logit bias: the scale folds into the exponent's FMA. Masked logits are -inf
-            # before the scale and the forward's running max is taken on raw logits, so
-            # only a positive scale folds.
-            d["FOLD"] = not gathers and pl.scale2 > 0 and not _TUNE.get("no_fold")
+            d["FOLD"] = _fold(gathers, pl.scale2)
             # the signed two-compare masks for attn_bias launches: HaloNet50ts inference ran
             # 3% slower with the unsigned form (H200, session 11)
             d["UMASK"] = _TUNE.get("umask", not flags[0])
@@ -1049,7 +1055,7 @@ def _flag_meta(pl: _Plan, flags: tuple) -> tuple:
         else:
             bwd, gathers = True, flags[0]
             d = dict(pl.kv_consts, HAS_BIAS=flags[0], HAS_RPB=flags[1], RPB_BLOCKS=flags[2])
-            d["FOLD"] = not (flags[0] or flags[1]) and pl.scale2 > 0 and not _TUNE.get("no_fold")
+            d["FOLD"] = _fold(flags[0] or flags[1], pl.scale2)
         blocks = flags[6] if len(flags) == 8 else flags[2]
         is_dq = len(flags) == 8 and bwd
         opts = _launch_opts(
@@ -1371,8 +1377,7 @@ def _win_call(
     if m is None:
         base = wp.meta_bwd if bwd else wp.meta
         d = dict(base, **dict(zip(_WIN_FLAGS, flags)))
-        # no logit bias: the scale folds into the exponent (see the general kernels' FOLD)
-        d["FOLD"] = not (flags[0] or flags[1]) and wp.scale2 > 0 and not _TUNE.get("no_fold")
+        d["FOLD"] = _fold(flags[0] or flags[1], wp.scale2)
         m = wp.metas[flags] = _meta(d)
     splits, bper = wp.bwd_split if bwd else wp.fwd_split
     _win_launch(
