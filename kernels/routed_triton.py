@@ -244,7 +244,8 @@ def _routed_fwd_heads_kernel(
     N_MBLK,
     STORE_LSE: tl.constexpr, HB: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, FULL: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):  # fmt: skip
     # The forward above for HB heads at once (3-D tensors [HB, rows, ...], batched tl.dot):
     # small tiles give a program little work, so its few loads wait alone; HB heads issue HB
@@ -281,16 +282,23 @@ def _routed_fwd_heads_kernel(
     for n0 in range(0, n_keys, BLOCK_NT):
         kn = n0 + c % BLOCK_NT
         n_ok = (kn < n_keys) & (tile0 + gc < T)  # [N]
-        slot = kn // lk
-        pix = kn % lk
+        # unsigned division (every operand is >= 0): no sign fix-ups per element
+        kn_u = kn.to(tl.uint32)
+        lk_u = lk.to(tl.uint32)
+        slot = (kn_u // lk_u).to(tl.int32)
+        pix = (kn_u % lk_u).to(tl.int32)
         j = tl.load(
             IDX + idx_h[:, None] + (tq * sit + slot * sik)[None, :],
             mask=h_ok[:, None] & n_ok[None, :],
             other=0,
         ).to(tl.int32)  # [HB, N]
         j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
-        ky = (j // KNW) * KTH + (pix // KTW)[None, :]
-        kx = (j % KNW) * KTW + (pix % KTW)[None, :]
+        j_u = j.to(tl.uint32)
+        knw_u = KNW.to(tl.uint32)
+        pix_u = pix.to(tl.uint32)
+        ktw_u = KTW.to(tl.uint32)
+        ky = (j_u // knw_u).to(tl.int32) * KTH + (pix_u // ktw_u).to(tl.int32)[None, :]
+        kx = (j_u % knw_u).to(tl.int32) * KTW + (pix_u % ktw_u).to(tl.int32)[None, :]
         hn_ok = h_ok[:, None] & n_ok[None, :]
         kt = tl.load(
             K
@@ -300,12 +308,20 @@ def _routed_fwd_heads_kernel(
             mask=hn_ok[:, None, :] & d_ok[None, :, None],
             other=0.0,
         )  # [HB, D, N]
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale  # [HB, M, N]
-        ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # [M, N], block-diagonal when packed
-        s = tl.where(ok[None, :, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 2))
+        s = _dot(q, kt, PREC, UPCAST)  # [HB, M, N]
+        if not FOLD:
+            s = s * qk_scale
+        if not FULL:  # FULL: one unpacked tile and whole key steps, every score counts
+            ok = n_ok[None, :] & (gc[None, :] == g[:, None])  # block-diagonal when packed
+            s = tl.where(ok[None, :, :], s, float("-inf"))
+        if FOLD:
+            # raw logits: max first, the (positive) scale rides in the exponent's FMA
+            m_new = tl.maximum(m_i, tl.max(s, 2) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, :, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 2))
+            p = tl.exp2(s - m_new[:, :, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, :, None])
         l_i = l_i * alpha + tl.sum(p, 2)
         vb = tl.load(
             V
@@ -616,7 +632,8 @@ def _geometry(q, k, tiles):
 # stage, but cost 25% of the 14x14 stage's GPU time, where every program scans 8 times).
 # fwd_heads: at most this many heads per forward program, with heads x rows <= fwd_head_rows
 # (half dtypes; H200: 2 heads of 16 rows beat 1 and 4 on the 28x28 and 14x14 stages);
-# fwd_stages: num_stages of that kernel (1 and 3 were slower).
+# fwd_stages: num_stages of that kernel (1 and 3 were slower); fwd_no_lean: 1 keeps the score
+# mask and the separate scale multiply in that kernel where they are not needed (A/Bs).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
@@ -630,6 +647,7 @@ TUNE: dict[str, int] = dict(
     warps=4,
     small_warps=2,
     index_in_kernel=512,
+    fwd_no_lean=0,
 )
 
 
@@ -746,6 +764,10 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
             scale * _LOG2E, n_mblk,
             need_lse, hb, pack, block_m, block_nt, *_head_blocks(d, dv),
             _prec(q.dtype), _upcast(q.dtype),
+            # FULL: no score mask (s2 of BiFormer-T: one 16-pixel tile, all 64 keys in one
+            # step); FOLD: the scale in the exponent's FMA (positive scales)
+            pack == 1 and (topk * kth * ktw) % block_nt == 0 and not TUNE["fwd_no_lean"],
+            scale > 0 and not TUNE["fwd_no_lean"],
         )  # fmt: skip
         grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
         warps = (_warps(block_m * hb), TUNE["fwd_stages"])

@@ -186,6 +186,30 @@ def test_interpreted_biformer_like_tiles(interp):
         _check_case(interp, q, k, v, idx, (2, 2, 2, 2), 96**-0.5, with_dlse=False, gather=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interpreted_lean_heads_forward(interp, dtype):
+    """The heads forward without a score mask (one unpacked tile per program, whole key steps)
+    and with the scale folded into the exponent (positive scales), against the reference and
+    against the masked, unfolded form; negative scales keep the separate multiply."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 8, 8, 4, 32, generator=g).to(dtype) for _ in range(3))
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(2 * 4)]).view(2, 4, 2)
+    tiles = (4, 4, 4, 4)  # 16-pixel tiles, 2 routed tiles: 32 keys, one step
+    for scale in (0.15, -0.15):
+        flags = interp._fwd_plan(q, k, v, idx, tiles, scale, True)[3][-2:]
+        assert flags == (True, scale > 0), flags
+        out, lse = interp.routed_fwd(q, k, v, idx, tiles, scale)
+        ref_out, ref_lse = routed_fwd_reference(q, k, v, idx, tiles, scale)
+        torch.testing.assert_close(out.float(), ref_out.float(), **_TOL[dtype])
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        interp.TUNE["fwd_no_lean"] = 1
+        try:
+            out2, _ = interp.routed_fwd(q, k, v, idx, tiles, scale)
+        finally:
+            interp.TUNE["fwd_no_lean"] = 0
+        torch.testing.assert_close(out, out2, atol=2e-3, rtol=0)
+
+
 def test_interpreted_public_api_autograd(interp, monkeypatch):
     """routed_attention through the custom ops with the (interpreted) Triton backend."""
     monkeypatch.setattr(routed_mod, "_TRITON", interp)
