@@ -284,7 +284,8 @@ def _routed_fwd_heads_kernel(
         n_ok = (kn < n_keys) & (tile0 + gc < T)  # [N]
         # unsigned division (every operand is >= 0): no sign fix-ups per element
         kn_u = kn.to(tl.uint32)
-        lk_u = lk.to(tl.uint32)
+        # tl.cast, not .to: an argument equal to 1 arrives as a Python int (JIT constant)
+        lk_u = tl.cast(lk, tl.uint32)
         slot = (kn_u // lk_u).to(tl.int32)
         pix = (kn_u % lk_u).to(tl.int32)
         j = tl.load(
@@ -294,9 +295,9 @@ def _routed_fwd_heads_kernel(
         ).to(tl.int32)  # [HB, N]
         j = tl.minimum(tl.maximum(j, 0), N_KV_TILES - 1)
         j_u = j.to(tl.uint32)
-        knw_u = KNW.to(tl.uint32)
+        knw_u = tl.cast(KNW, tl.uint32)
         pix_u = pix.to(tl.uint32)
-        ktw_u = KTW.to(tl.uint32)
+        ktw_u = tl.cast(KTW, tl.uint32)
         ky = (j_u // knw_u).to(tl.int32) * KTH + (pix_u // ktw_u).to(tl.int32)[None, :]
         kx = (j_u % knw_u).to(tl.int32) * KTW + (pix_u % ktw_u).to(tl.int32)[None, :]
         hn_ok = h_ok[:, None] & n_ok[None, :]
