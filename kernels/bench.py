@@ -10,8 +10,10 @@ Row dict (shared with other kernel modules, e.g. ``visionattn.kernels.routed_ben
 * ``impl``: ``"ours"``, ``"sdpa_dense"``, ``"flex"`` (torch.compile'd FlexAttention with a
   block mask for the same pattern), ``"natten"`` or another baseline
 * ``pass``: ``"fwd"`` or ``"fwdbwd"``
-* ``ms``: median time; ``roofline_ms``: bytes of q, k, v, o (fwd; plus dO read and dq, dk, dv
-  written for fwdbwd) over the measured HBM copy bandwidth; ``pct_roofline``: roofline_ms / ms
+* ``ms``: median time; ``roofline_ms``: the larger of ``roofline_mem_ms`` (bytes of q, k, v, o
+  for fwd, plus dO read and dq, dk, dv written for fwdbwd, over the measured HBM copy
+  bandwidth) and ``roofline_flop_ms`` (the pattern's FLOPs over the measured dense bf16 matmul
+  rate); ``roofline_bound``: which one; ``pct_roofline``: roofline_ms / ms
 * ``tflops``: useful TFLOP/s (the pattern's FLOPs, dense N^2 for SDPA; bwd counted 2.5x fwd)
 * ``peak_mem_mb``: peak extra CUDA memory of one call; ``speedup_vs_flex``: flex ms / ms
 * optional: ``shape`` (text), ``note``, ``max_abs_err`` (vs the reference impl of the row)
@@ -66,6 +68,26 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
+def matrix_rate() -> float:
+    """Measured dense bf16 matmul rate in FLOP/s (cuBLAS, 8192^3)."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    ms = _bench(lambda: a @ b)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def roofline(nbytes: float, flops: float, bw: float, rate: float) -> dict:
+    """Roofline fields of a row: ``roofline_ms`` is the larger of ``nbytes`` over the HBM
+    bandwidth ``bw`` (bytes/s) and ``flops`` over the matrix rate ``rate`` (FLOP/s)."""
+    mem_ms, flop_ms = nbytes / bw * 1e3, flops / rate * 1e3
+    return dict(
+        roofline_ms=max(mem_ms, flop_ms),
+        roofline_bound="memory" if mem_ms >= flop_ms else "compute",
+        roofline_mem_ms=mem_ms,
+        roofline_flop_ms=flop_ms,
+    )
+
+
 def _peak_mb(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -100,7 +122,7 @@ def _dense_mask_and_bias(spatial, ks, st, dl, border, heads, rpb):
 NATTEN_PROBLEMS = {"dinat_56_k7_dil1", "dinat_56_k7_dil8"}
 
 
-def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
+def problem_rows(prob, bw: float, rate: float, with_natten: bool) -> list[dict]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from . import na2d
@@ -212,9 +234,9 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
                         from triton.testing import do_bench_cudagraph
 
                         ms_graph = float(do_bench_cudagraph(f, rep=20))
+                roof = roofline(by, fl, bw, rate)  # the pattern's FLOPs, for every impl
                 if impl == "sdpa_dense":
                     fl = fl / kt * ntok  # dense attention computes every pair
-                roof = by / bw * 1e3
                 row_note = note
                 if ms_graph:
                     sep = "; " if note else ""
@@ -222,7 +244,7 @@ def problem_rows(prob, bw: float, with_natten: bool) -> list[dict]:
                 rows.append(
                     dict(
                         name=name, op="na2d", impl=impl, **{"pass": pas}, ms=ms,
-                        roofline_ms=roof, pct_roofline=100.0 * roof / ms,
+                        **roof, pct_roofline=100.0 * roof["roofline_ms"] / ms,
                         tflops=fl / (ms * 1e-3) / 1e12, peak_mem_mb=mem,
                         speedup_vs_flex=None, shape=shape, note=row_note, ms_cudagraph=ms_graph,
                     )
@@ -248,9 +270,10 @@ def _fill_speedups(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'name':<20} {'impl':<11} {'pass':<6} {'ms':>8} {'roof ms':>8} {'%roof':>6} "
+        f"{'name':<20} {'impl':<11} {'pass':<6} {'ms':>8} {'roof ms':>8} {'%roof':>6} {'':1} "
         f"{'TFLOP/s':>8} {'mem MB':>8} {'x flex':>7}  note"
     )
+    # after %roof: m = memory-bound (bytes), c = compute-bound (FLOPs over the matmul rate)
     lines = [head, "-" * len(head)]
 
     def fmt(x, spec):
@@ -260,6 +283,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['name']:<20} {r['impl']:<11} {r['pass']:<6} {fmt(r['ms'], '8.3f')} "
             f"{fmt(r['roofline_ms'], '8.3f')} {fmt(r['pct_roofline'], '6.1f')} "
+            f"{(r.get('roofline_bound') or ' ')[0]} "
             f"{fmt(r['tflops'], '8.1f')} {fmt(r['peak_mem_mb'], '8.1f')} "
             f"{fmt(r['speedup_vs_flex'], '7.2f')}  {r.get('note', '')}"
         )
@@ -360,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             with_natten = False
     bw = copy_bandwidth()
+    rate = matrix_rate()
     only = {x for x in args.only.split(",") if x}
     probs = [
         p for p in PROBLEMS if (not only or p[0] in only) and (not args.quick or p[0] in QUICK)
@@ -371,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        copy_bandwidth_tbs=bw / 1e12, natten=with_natten, dtype="bfloat16", commit=_commit(),
+        copy_bandwidth_tbs=bw / 1e12, matrix_tflops=rate / 1e12, natten=with_natten, dtype="bfloat16", commit=_commit(),
         host_us_per_call=host_overhead(),
     )  # fmt: skip
     for prob in probs:
-        rows.extend(problem_rows(prob, bw, with_natten))
+        rows.extend(problem_rows(prob, bw, rate, with_natten))
         _fill_speedups(rows)
         out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # partial results
         print(f"done {prob[0]}", file=sys.stderr, flush=True)
@@ -389,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
         f"triton {triton.__version__}  commit {meta['commit']}  "
-        f"copy bandwidth {bw / 1e12:.2f} TB/s  natten: {'yes' if with_natten else 'no'}"
+        f"copy bandwidth {bw / 1e12:.2f} TB/s  bf16 matmul {rate / 1e12:.0f} TFLOP/s  natten: {'yes' if with_natten else 'no'}"
     )
     print(
         "host us/call (q=k=v [128,14,14,1,16] bf16, 7x7 windows): "

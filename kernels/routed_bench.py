@@ -15,8 +15,10 @@ Implementations, all bf16 on the same q/k/v:
   contiguous) at no cost, so its block mask is as sparse as the pattern allows.
 * ``sdpa_dense``: dense SDPA over all tokens (what routing avoids; a different result).
 
-Roofline and FLOP conventions are those of :mod:`.bench` (q, k, v, o bytes over the measured
-copy bandwidth; bwd FLOPs 2.5x fwd, and 9 more tensor passes for the backward).
+Roofline and FLOP conventions are those of :mod:`.bench` (the larger of q, k, v, o bytes over
+the measured copy bandwidth and the routed pattern's FLOPs over the measured bf16 matmul rate;
+bwd FLOPs 2.5x fwd, and 9 more tensor passes for the backward).  The detection rows are
+compute-bound by that measure, BiFormer-T's stages memory-bound.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ def _tile_major(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
     return x.reshape(b, heads, hh * ww, d)
 
 
-def problem_rows(prob, bw: float) -> list[dict]:
+def problem_rows(prob, bw: float, rate: float) -> list[dict]:
     # every problem compiles flex (fwd and fwd+bwd) anew: keep dynamo from giving up and
     # silently falling back to the unfused eager path after its recompile limit
     import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from .bench import _bench, _peak_mb
+    from .bench import _bench, _peak_mb, roofline
 
     for attr in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, attr):
@@ -158,13 +160,13 @@ def problem_rows(prob, bw: float) -> list[dict]:
                         )
                         for x in leaves:
                             x.grad = None
+                roof = roofline(by, fl, bw, rate)  # the routed pattern's FLOPs, every impl
                 if impl == "sdpa_dense":
                     fl = fl / (topk * lq) * ntok
-                roof = by / bw * 1e3
                 rows.append(
                     dict(
                         name=name, op="routed", impl=impl, **{"pass": pas}, ms=ms,
-                        roofline_ms=roof, pct_roofline=100.0 * roof / ms,
+                        **roof, pct_roofline=100.0 * roof["roofline_ms"] / ms,
                         tflops=fl / (ms * 1e-3) / 1e12, peak_mem_mb=mem,
                         speedup_vs_flex=None, shape=shape, note=note, ms_cudagraph=ms_graph,
                     )
@@ -192,15 +194,15 @@ def problem_rows(prob, bw: float) -> list[dict]:
 
 def rows(quick: bool, verbose: bool = False, on_problem=None) -> list[dict]:
     """Benchmark rows (keys of :mod:`.bench`) for every routed problem (``quick``: a subset)."""
-    from .bench import copy_bandwidth
+    from .bench import copy_bandwidth, matrix_rate
 
-    bw = copy_bandwidth()
+    bw, rate = copy_bandwidth(), matrix_rate()
     out: list[dict] = []
     for prob in PROBLEMS:
         if quick and prob[0] not in QUICK:
             continue
         try:
-            out.extend(problem_rows(prob, bw))
+            out.extend(problem_rows(prob, bw, rate))
         except Exception as exc:  # keep the other problems' rows
             out.append(
                 dict(name=prob[0], op="routed", impl="-", **{"pass": "-"}, ms=None,
@@ -231,13 +233,14 @@ def main() -> int:
     commit = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--commit=")]
     import triton
 
-    from .bench import copy_bandwidth
+    from .bench import copy_bandwidth, matrix_rate
 
     meta = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
         copy_bandwidth_tbs=copy_bandwidth() / 1e12,
+        matrix_tflops=matrix_rate() / 1e12,
         dtype="bfloat16",
         commit=commit[0] if commit else None,
         timing="triton do_bench median (host time included); ms_cudagraph: do_bench_cudagraph",
