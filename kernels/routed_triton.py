@@ -123,64 +123,56 @@ def _key_block(
 
 
 @triton.jit
+def _fwd_step(
+    q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH, KTW, n_keys,
+    k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv, d_ok, dv_ok, qk_scale,
+    PACK: tl.constexpr, BLOCK_NT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    MASK: tl.constexpr, FOLD: tl.constexpr,
+):  # fmt: skip
+    # one step of BLOCK_NT routed keys; MASK: the step may hold keys past the routed ones or
+    # (packed tiles) other tiles' keys; FOLD: the (positive) scale rides in the exponent's FMA
+    gc, n_ok, ky, kx = _key_block(
+        idx_base, sit, sik, tile0, n0, T, N_KV_TILES, KNW, KTH, KTW, n_keys, PACK, BLOCK_NT
+    )
+    kt = tl.load(
+        k_base + ky[None, :] * skh + kx[None, :] * skw + offs_d[:, None] * skd,
+        mask=n_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    s = _dot(q, kt, PREC, UPCAST)
+    if not FOLD:
+        s = s * qk_scale
+    if MASK:  # packed tiles: a row only sees its own tile's keys (block-diagonal)
+        s = tl.where(n_ok[None, :] & (gc[None, :] == g[:, None]), s, float("-inf"))
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vb = tl.load(
+        v_base + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd,
+        mask=n_ok[:, None] & dv_ok[None, :],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _routed_fwd_kernel(
-    Q,
-    K,
-    V,
-    IDX,
-    OUT,
-    LSE,
-    sqb,
-    sqh,
-    sqw,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skw,
-    skn,
-    skd,
-    svb,
-    svh,
-    svw,
-    svn,
-    svd,
-    sob,
-    soh,
-    sow,
-    son,
-    sod,
-    slb,
-    slh,
-    slw,
-    sln,
-    sib,
-    sih,
-    sit,
-    sik,
-    HEADS,
-    T,
-    NW,
-    TH,
-    TW,
-    KNW,
-    KTH,
-    KTW,
-    N_KV_TILES,
-    TOPK,
-    D,
-    DV,
+    Q, K, V, IDX, OUT, LSE,
+    sqb, sqh, sqw, sqn, sqd, skb, skh, skw, skn, skd, svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod, slb, slh, slw, sln, sib, sih, sit, sik,
+    HEADS, T, NW, TH, TW, KNW, KTH, KTW, N_KV_TILES, TOPK, D, DV,
     qk_scale,  # scale * log2(e)
     N_MBLK,
-    STORE_LSE: tl.constexpr,
-    PACK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_NT: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+    STORE_LSE: tl.constexpr, PACK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_NT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr = False,
+):  # fmt: skip
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HEADS).to(tl.int64)
@@ -202,29 +194,23 @@ def _routed_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(0, n_keys, BLOCK_NT):
-        gc, n_ok, ky, kx = _key_block(
-            idx_base, sit, sik, tile0, n0, T, N_KV_TILES, KNW, KTH, KTW, n_keys, PACK, BLOCK_NT
-        )
-        kt = tl.load(
-            k_base + ky[None, :] * skh + kx[None, :] * skw + offs_d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        s = _dot(q, kt, PREC, UPCAST) * qk_scale
-        # packed tiles: a row only sees its own tile's keys (block-diagonal)
-        s = tl.where(n_ok[None, :] & (gc[None, :] == g[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(
-            v_base + ky[:, None] * svh + kx[:, None] * svw + offs_dv[None, :] * svd,
-            mask=n_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, PREC, UPCAST)
-        m_i = m_new
+    # one tile per program: every step but a short last one holds routed keys only, so the
+    # scores need no mask there (detection-size tiles walk 4-16 such steps)
+    n_full = 0
+    if PACK == 1:
+        n_full = (n_keys // BLOCK_NT) * BLOCK_NT
+    for n0 in range(0, n_full, BLOCK_NT):
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH, KTW,
+            n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv, d_ok, dv_ok,
+            qk_scale, PACK, BLOCK_NT, PREC, UPCAST, False, FOLD,
+        )  # fmt: skip
+    for n0 in range(n_full, n_keys, BLOCK_NT):
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH, KTW,
+            n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv, d_ok, dv_ok,
+            qk_scale, PACK, BLOCK_NT, PREC, UPCAST, True, FOLD,
+        )  # fmt: skip
 
     acc = acc / l_i[:, None]
     o_ptrs = OUT + b * sob + h * son + y[:, None] * soh + x[:, None] * sow + offs_dv[None, :] * sod
@@ -634,7 +620,10 @@ def _geometry(q, k, tiles):
 # fwd_heads: at most this many heads per forward program, with heads x rows <= fwd_head_rows
 # (half dtypes; H200: 2 heads of 16 rows beat 1 and 4 on the 28x28 and 14x14 stages);
 # fwd_stages: num_stages of that kernel (1 and 3 were slower); fwd_no_lean: 1 keeps the score
-# mask and the separate scale multiply in that kernel where they are not needed (A/Bs).
+# mask and the separate scale multiply in both forward kernels where they are not needed
+# (A/Bs); fwd_big_rows / fwd_big_cols: query rows / keys per step of a forward program that
+# takes one slice of a large tile (detection-size maps), fwd_big_warps its warps when it takes
+# more than 64 rows.
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
@@ -649,6 +638,9 @@ TUNE: dict[str, int] = dict(
     small_warps=2,
     index_in_kernel=512,
     fwd_no_lean=0,
+    fwd_big_rows=64,
+    fwd_big_cols=64,
+    fwd_big_warps=8,
 )
 
 
@@ -661,7 +653,7 @@ def _pow2_floor(x: int) -> int:
 
 
 def _q_blocks(
-    lq: int, n_keys: int, d: int, dv: int, rows: int, cols: int
+    lq: int, n_keys: int, d: int, dv: int, rows: int, cols: int, big: tuple[int, int] = (64, 64)
 ) -> tuple[int, int, int, int]:
     """``(pack, block_m, block_nt, n_mblk)`` for the forward and dq kernels: ``pack`` whole query
     tiles per program when tiles are small (each with its own ``block_nt`` keys per step, a
@@ -673,8 +665,9 @@ def _q_blocks(
         block_nt = min(_next_pow2(n_keys, 1), max(1, cols // pack))
         block_nt = max(block_nt, 16 // pack)  # tl.dot needs >= 16 columns in all
         return pack, block_m, block_nt, 1
-    block_m = min(64, _next_pow2(lq))
-    cap = 64 if max(d, dv) <= 64 else 32
+    # big tiles: ``big`` = (query rows, keys) per program step
+    block_m = min(big[0], _next_pow2(lq))
+    cap = big[1] if max(d, dv) <= 64 else 32
     return 1, block_m, min(cap, _next_pow2(n_keys)), _cdiv(lq, block_m)
 
 
@@ -749,8 +742,9 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
     lse_shape = (b, hq, wq, heads) if need_lse else (0,)
     lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
     pack, block_m, block_nt, n_mblk = _q_blocks(
-        th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"]
-    )
+        th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"],
+        (TUNE["fwd_big_rows"], TUNE["fwd_big_cols"]),
+    )  # fmt: skip
     hb = 1
     if q.dtype != torch.float32:  # batched dots only on the half-precision tensor-core path
         hb = min(
@@ -779,10 +773,11 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         heads, t, nw, th, tw, knw, kth, ktw, knh * knw, topk, d, dv,
         scale * _LOG2E, n_mblk,
         need_lse, pack, block_m, block_nt, *_head_blocks(d, dv),
-        _prec(q.dtype), _upcast(q.dtype),
+        _prec(q.dtype), _upcast(q.dtype), scale > 0 and not TUNE["fwd_no_lean"],
     )  # fmt: skip
     grid = (_cdiv(t, pack) * n_mblk, b * heads)
-    return (out_shape, lse_shape, grid, scalars, (_warps(block_m), 2), {}, _fwd_launch)
+    warps = TUNE["fwd_big_warps"] if block_m > 64 else _warps(block_m)
+    return (out_shape, lse_shape, grid, scalars, (warps, 2), {}, _fwd_launch)
 
 
 def routed_fwd(

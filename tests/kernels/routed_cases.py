@@ -210,6 +210,32 @@ def test_interpreted_lean_heads_forward(interp, dtype):
         torch.testing.assert_close(out, out2, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("big", [(64, 64), (128, 32)])
+def test_interpreted_lean_plain_forward(interp, monkeypatch, dtype, big):
+    """The one-tile-per-program forward (large tiles): unmasked whole key steps and a masked
+    short last one, the scale folded into the exponent for positive scales; against the
+    reference and the masked, unfolded form, for two block shapes."""
+    monkeypatch.setattr(
+        interp, "TUNE", {**interp.TUNE, "fwd_big_rows": big[0], "fwd_big_cols": big[1]}
+    )
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 12, 12, 2, 16, generator=g).to(dtype) for _ in range(3))
+    idx = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(4)]).view(1, 4, 3)
+    tiles = (6, 6, 6, 6)  # 36-pixel tiles, 3 routed: 108 keys, whole steps and a short one
+    for scale in (0.2, -0.2):
+        plan = interp._fwd_plan(q, k, v, idx, tiles, scale, True)
+        assert plan[-1] is interp._fwd_launch and plan[3][-1] == (scale > 0), plan[3][-6:]
+        out, lse = interp.routed_fwd(q, k, v, idx, tiles, scale)
+        ref_out, ref_lse = routed_fwd_reference(q, k, v, idx, tiles, scale)
+        torch.testing.assert_close(out.float(), ref_out.float(), **_TOL[dtype])
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        interp.TUNE["fwd_no_lean"] = 1
+        out2, _ = interp.routed_fwd(q, k, v, idx, tiles, scale)
+        interp.TUNE["fwd_no_lean"] = 0
+        torch.testing.assert_close(out, out2, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
 def test_interpreted_public_api_autograd(interp, monkeypatch):
     """routed_attention through the custom ops with the (interpreted) Triton backend."""
     monkeypatch.setattr(routed_mod, "_TRITON", interp)
