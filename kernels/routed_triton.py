@@ -631,7 +631,11 @@ def _geometry(q, k, tiles):
 # mask and the separate scale multiply in both forward kernels where they are not needed
 # (A/Bs); fwd_big_rows / fwd_big_cols: query rows / keys per step of a forward program that
 # takes one slice of a large tile (detection-size maps), fwd_big_warps its warps when it takes
-# more than 64 rows.
+# more than 64 rows; fwd_small_cols: keys per step when one tile of <= 64 pixels fills the
+# program. H200, bf16 d32, us (do_bench), 64 x 64 -> 128 x 128 with 4 warps: BiFormer
+# detection rows topk 4 / 8 / 16 255 -> 228, 456 -> 403, 884 -> 727 (128 x 64 with 8 warps
+# 240 / 431 / 759); 32-key steps on 8x8 tiles: BiFormer-T s1 63 -> 54 (session 12,
+# kernels/NOTES_routed.md).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
@@ -646,9 +650,10 @@ TUNE: dict[str, int] = dict(
     small_warps=2,
     index_in_kernel=512,
     fwd_no_lean=0,
-    fwd_big_rows=64,
-    fwd_big_cols=64,
-    fwd_big_warps=8,
+    fwd_big_rows=128,
+    fwd_big_cols=128,
+    fwd_big_warps=4,
+    fwd_small_cols=32,
 )
 
 
@@ -750,9 +755,8 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
     lse_shape = (b, hq, wq, heads) if need_lse else (0,)
     lse_strides = _contig_strides(lse_shape) if need_lse else (0, 0, 0, 0)
     pack, block_m, block_nt, n_mblk = _q_blocks(
-        th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"],
-        (TUNE["fwd_big_rows"], TUNE["fwd_big_cols"]),
-    )  # fmt: skip
+        th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"]
+    )
     hb = 1
     if q.dtype != torch.float32:  # batched dots only on the half-precision tensor-core path
         hb = min(
@@ -775,6 +779,17 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
         warps = (_warps(block_m * hb), TUNE["fwd_stages"])
         return (out_shape, lse_shape, grid, scalars, warps, {}, _fwd_heads_launch)
+    if q.dtype != torch.float32 and max(d, dv) <= 32 and pack == 1:
+        # one tile per program, half precision, 32-wide heads (BiFormer's; other heads and
+        # float32 keep the shapes above): tiles of > 64 pixels take 128 x 128 steps, smaller
+        # ones 32-key steps (H200 numbers at TUNE)
+        if th * tw > 64:
+            big = (TUNE["fwd_big_rows"], TUNE["fwd_big_cols"])
+            pack, block_m, block_nt, n_mblk = _q_blocks(
+                th * tw, topk * kth * ktw, d, dv, TUNE["fwd_rows"], TUNE["fwd_cols"], big
+            )
+        else:
+            block_nt = max(16, min(block_nt, TUNE["fwd_small_cols"]))
     scalars = (
         *q.stride(), *k.stride(), *v.stride(), *_contig_strides(out_shape), *lse_strides,
         sib, sih, sit, sik,

@@ -211,21 +211,27 @@ def test_interpreted_lean_heads_forward(interp, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("big", [(64, 64), (128, 32)])
-def test_interpreted_lean_plain_forward(interp, monkeypatch, dtype, big):
-    """The one-tile-per-program forward (large tiles): unmasked whole key steps and a masked
-    short last one, the scale folded into the exponent for positive scales; against the
-    reference and the masked, unfolded form, for two block shapes."""
+@pytest.mark.parametrize("tile, big", [(6, (128, 128)), (12, (128, 128)), (12, (128, 32))])
+def test_interpreted_lean_plain_forward(interp, monkeypatch, dtype, tile, big):
+    """The one-tile-per-program forward: unmasked whole key steps and a masked short last one,
+    the scale folded into the exponent for positive scales; against the reference and the
+    masked, unfolded form. 36-pixel tiles take 32-key steps in bf16, 144-pixel tiles the
+    ``big`` block shape (float32 keeps 64 x 64)."""
     monkeypatch.setattr(
         interp, "TUNE", {**interp.TUNE, "fwd_big_rows": big[0], "fwd_big_cols": big[1]}
     )
     g = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(1, 12, 12, 2, 16, generator=g).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, 2 * tile, 2 * tile, 2, 16, generator=g).to(dtype) for _ in range(3))
     idx = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(4)]).view(1, 4, 3)
-    tiles = (6, 6, 6, 6)  # 36-pixel tiles, 3 routed: 108 keys, whole steps and a short one
+    tiles = (tile, tile, tile, tile)  # 3 routed tiles: whole key steps and a short one
     for scale in (0.2, -0.2):
         plan = interp._fwd_plan(q, k, v, idx, tiles, scale, True)
         assert plan[-1] is interp._fwd_launch and plan[3][-1] == (scale > 0), plan[3][-6:]
+        block_m, block_nt = plan[3][-7:-5]
+        if dtype == torch.float32:
+            assert (block_m, block_nt) == (64, 64)
+        else:
+            assert (block_m, block_nt) == ((64, 32) if tile == 6 else big)
         out, lse = interp.routed_fwd(q, k, v, idx, tiles, scale)
         ref_out, ref_lse = routed_fwd_reference(q, k, v, idx, tiles, scale)
         torch.testing.assert_close(out.float(), ref_out.float(), **_TOL[dtype])

@@ -20,11 +20,13 @@ import torch
 _ROOT = Path(__file__).parents[2]
 
 # (q map, k map, tiles (th, tw, kth, ktw), topk, heads, dtype): ones in the tile shapes and
-# tile-grid widths, the packed-heads forward (half dtypes) and the plain one (float32)
+# tile-grid widths, the packed-heads forward (half dtypes), the plain one (float32) and the
+# plain one's large-tile block shape
 _PROBLEMS = [
     ((4, 4), (4, 4), (2, 2, 1, 1), 4, 2, torch.bfloat16),
     ((4, 2), (4, 2), (2, 2, 2, 2), 2, 4, torch.float16),
     ((4, 4), (4, 4), (1, 4, 1, 4), 2, 1, torch.float32),
+    ((24, 24), (24, 24), (12, 12, 12, 12), 3, 2, torch.bfloat16),  # 128 x 128 forward steps
 ]
 
 
@@ -54,9 +56,9 @@ def _record_launches() -> list[tuple[str, dict]]:
         setattr(rt, n, recorder(n, saved[n].fn))
     try:
         for qhw, khw, tiles, topk, heads, dtype in _PROBLEMS:
-            q = torch.zeros(1, *qhw, heads, 16, dtype=dtype)
-            k = torch.zeros(1, *khw, heads, 16, dtype=dtype)
-            v = torch.zeros(1, *khw, heads, 16, dtype=dtype)
+            q = torch.zeros(1, *qhw, heads, 32, dtype=dtype)
+            k = torch.zeros(1, *khw, heads, 32, dtype=dtype)
+            v = torch.zeros(1, *khw, heads, 32, dtype=dtype)
             n_q = (qhw[0] // tiles[0]) * (qhw[1] // tiles[1])
             n_kv = (khw[0] // tiles[2]) * (khw[1] // tiles[3])
             idx = torch.arange(n_q * topk).reshape(1, n_q, topk) % n_kv
