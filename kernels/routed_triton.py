@@ -654,6 +654,12 @@ TUNE: dict[str, int] = dict(
     fwd_big_cols=128,
     fwd_big_warps=4,
     fwd_small_cols=32,
+    dq_big_rows=64,
+    dq_big_cols=64,
+    dq_big_warps=4,
+    dkv_big_keys=64,
+    dkv_big_rows=64,
+    dkv_big_warps=4,
 )
 
 
@@ -882,15 +888,30 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     pack, block_m, block_nt, n_mblk = _q_blocks(
         lq, topk * lk, d, dv_dim, TUNE["dq_rows"], TUNE["dq_cols"]
     )
+    dq_warps = _warps(block_m)
+    # large tiles, half precision, 32-wide heads: their own block shapes (as the forward's)
+    big = q.dtype != torch.float32 and max(d, dv_dim) <= 32
+    if big and pack == 1 and lq > 64:
+        pack, block_m, block_nt, n_mblk = _q_blocks(
+            lq, topk * lk, d, dv_dim, TUNE["dq_rows"], TUNE["dq_cols"],
+            (TUNE["dq_big_rows"], TUNE["dq_big_cols"]),
+        )  # fmt: skip
+        dq_warps = TUNE["dq_big_warps"]
     dq_scalars = (
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         sib, sih, sit, sik, *_contig_strides(q.shape),
         heads, t, nw, th, tw, knw, kth, ktw, n_kv, topk, d, dv_dim, scale * _LOG2E, scale,
         n_mblk, dlse is not None, pack, block_m, block_nt, bd, bdv, prec, upcast,
     )  # fmt: skip
-    dq = ((_cdiv(t, pack) * n_mblk, b * heads), dq_scalars, _warps(block_m), {})
+    dq = ((_cdiv(t, pack) * n_mblk, b * heads), dq_scalars, dq_warps, {})
     # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
     kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
+    dkv_warps = _warps(block_n)
+    if big and kpack == 1 and lk > 64:
+        block_n = min(TUNE["dkv_big_keys"], _next_pow2(lk))
+        block_mt = min(TUNE["dkv_big_rows"], _next_pow2((t * topk * lq) // n_kv + 1))
+        n_nblk = _cdiv(lk, block_n)
+        dkv_warps = TUNE["dkv_big_warps"]
     block_e = _next_pow2(t * topk, 1)
     build = block_e * kpack <= TUNE["index_in_kernel"]
     dkv_scalars = (
@@ -900,7 +921,7 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
         scale * _LOG2E, scale, n_nblk,
         build, kpack, block_mt, block_n, bd, bdv, block_e if build else 1, prec, upcast,
     )  # fmt: skip
-    dkv = ((_cdiv(n_kv, kpack) * n_nblk, b * heads), dkv_scalars, _warps(block_n), {})
+    dkv = ((_cdiv(n_kv, kpack) * n_nblk, b * heads), dkv_scalars, dkv_warps, {})
     return build, b * heads * t * topk, n_kv, dq, dkv
 
 
