@@ -635,7 +635,11 @@ def _geometry(q, k, tiles):
 # program. H200, bf16 d32, us (do_bench), 64 x 64 -> 128 x 128 with 4 warps: BiFormer
 # detection rows topk 4 / 8 / 16 255 -> 228, 456 -> 403, 884 -> 727 (128 x 64 with 8 warps
 # 240 / 431 / 759); 32-key steps on 8x8 tiles: BiFormer-T s1 63 -> 54 (session 12,
-# kernels/NOTES_routed.md).
+# kernels/NOTES_routed.md). dq_big_* / dkv_big_*: the backward's shapes for the same large
+# tiles (dq: query rows x keys per step; dK/dV: keys per program x query rows per step).
+# H200, CUDA-graph us of the backward, 64 x 64 -> dq 64 x 128 and dK/dV 64 x 128: detection
+# rows topk 4 / 8 / 16 946 -> 637, 1745 -> 1144, 3231 -> 1959 (256 query rows, 8 warps or
+# 32-key programs lost).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
@@ -655,10 +659,10 @@ TUNE: dict[str, int] = dict(
     fwd_big_warps=4,
     fwd_small_cols=32,
     dq_big_rows=64,
-    dq_big_cols=64,
+    dq_big_cols=128,
     dq_big_warps=4,
     dkv_big_keys=64,
-    dkv_big_rows=64,
+    dkv_big_rows=128,
     dkv_big_warps=4,
 )
 

@@ -242,6 +242,21 @@ def test_interpreted_lean_plain_forward(interp, monkeypatch, dtype, tile, big):
         torch.testing.assert_close(out, out2, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=0)
 
 
+def test_interpreted_large_tile_backward(interp):
+    """144-pixel tiles in bf16 take the large-tile backward shapes (dq: 64 rows x 128 keys;
+    dK/dV: 64 keys x 128 query rows); forward and gradients against the reference."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 24, 24, 2, 16, generator=g).bfloat16() for _ in range(3))
+    idx = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(4)]).view(1, 4, 3)
+    tiles, scale = (12, 12, 12, 12), 0.2
+    out, lse = interp.routed_fwd(q, k, v, idx, tiles, scale)
+    plan = interp._bwd_plan(q, k, v, idx, tiles, scale, out, out, lse, None)
+    dq_scalars, dkv_scalars = plan[3][1], plan[4][1]
+    assert dq_scalars[-6:-4] == (64, 128), dq_scalars[-9:]
+    assert dkv_scalars[-7:-5] == (128, 64), dkv_scalars[-9:]
+    _check_case(interp, q, k, v, idx, tiles, scale, with_dlse=True, gather=False)
+
+
 def test_interpreted_public_api_autograd(interp, monkeypatch):
     """routed_attention through the custom ops with the (interpreted) Triton backend."""
     monkeypatch.setattr(routed_mod, "_TRITON", interp)
