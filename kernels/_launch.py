@@ -9,13 +9,14 @@ compiled binary's launcher directly.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["DirectLauncher"]
+__all__ = ["DirectLauncher", "has_maxnreg"]
 
 _OFF = ("0", "false", "False")
 
@@ -83,3 +84,16 @@ class DirectLauncher:
         if len(runs) > 4096:  # many distinct signatures: start over rather than grow
             runs.clear()
         runs[key] = (kernel[(*grid, 1, 1)[:3]], tuple(consts[n] for n in names))
+
+
+@functools.lru_cache(maxsize=1)
+def has_maxnreg() -> bool:
+    """Whether this Triton's CUDA backend takes a ``maxnreg`` launch option (a register cap)."""
+    try:
+        import dataclasses
+
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return any(f.name == "maxnreg" for f in dataclasses.fields(CUDAOptions))
+    except Exception:  # pragma: no cover - other backend layouts: no cap
+        return False

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - older/newer Triton layouts
     OutOfResources = RuntimeError
 
 from ._common import NAParams, next_pow2
-from ._launch import DirectLauncher
+from ._launch import DirectLauncher, has_maxnreg
 
 __all__ = ["backward", "forward", "supported"]
 
@@ -791,19 +791,6 @@ def _head_pads(dk: int, dv: int) -> tuple[int, int]:
     return dkp, max(dvp, dkp)
 
 
-@functools.lru_cache(maxsize=1)
-def _has_maxnreg() -> bool:
-    """Whether this Triton's CUDA backend takes a ``maxnreg`` launch option."""
-    try:
-        import dataclasses
-
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return any(f.name == "maxnreg" for f in dataclasses.fields(CUDAOptions))
-    except Exception:  # pragma: no cover - other backend layouts: no cap
-        return False
-
-
 def _launch_opts(
     bwd: bool,
     ieee: bool,
@@ -857,7 +844,7 @@ def _launch_opts(
             cap = 168 if head <= 32 else 128 if head <= 64 else None
         elif dq:
             cap = (128 if rpb_blocks else None) if head <= 32 else 168 if head <= 64 else None
-        if cap and not attn_bias and not _TUNE.get("no_cap") and _has_maxnreg():
+        if cap and not attn_bias and not _TUNE.get("no_cap") and has_maxnreg():
             opts["maxnreg"] = cap
     if bwd and head >= 64:
         # the dk/dv pass spills at 255 registers; without the pipeline's extra buffers it

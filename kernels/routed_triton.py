@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import DirectLauncher
+from ._launch import DirectLauncher, has_maxnreg
 
 __all__ = ["routed_bwd", "routed_fwd"]
 
@@ -664,6 +664,9 @@ TUNE: dict[str, int] = dict(
     dkv_big_keys=64,
     dkv_big_rows=128,
     dkv_big_warps=4,
+    fwd_big_stages=2,
+    bwd_big_stages=2,
+    fwd_maxnreg=0,
 )
 
 
@@ -709,11 +712,13 @@ def _kv_blocks(lk: int, rows: int, d: int, dv: int) -> tuple[int, int, int, int]
 
 
 @functools.cache
-def _warps_kw(num_warps: int, num_stages: int = 2) -> dict:
-    """Launch options (and their hashable key) of a :class:`DirectLauncher` call."""
-    return dict(
-        opts=dict(num_warps=num_warps, num_stages=num_stages), meta_key=(num_warps, num_stages)
-    )
+def _warps_kw(num_warps: int, num_stages: int = 2, maxnreg: int = 0) -> dict:
+    """Launch options (and their hashable key) of a :class:`DirectLauncher` call; ``maxnreg``
+    (0: none) only where the installed Triton takes it."""
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg and has_maxnreg():
+        opts["maxnreg"] = maxnreg
+    return dict(opts=opts, meta_key=(num_warps, num_stages, opts.get("maxnreg", 0)))
 
 
 _fwd_launch = DirectLauncher(_routed_fwd_kernel, "VISIONATTN_ROUTED_FAST_LAUNCH")
@@ -787,7 +792,7 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
             scale > 0 and not TUNE["fwd_no_lean"],
         )  # fmt: skip
         grid = (_cdiv(t, pack) * n_mblk, b * n_hblk)
-        warps = (_warps(block_m * hb), TUNE["fwd_stages"])
+        warps = (_warps(block_m * hb), TUNE["fwd_stages"], TUNE["fwd_maxnreg"])
         return (out_shape, lse_shape, grid, scalars, warps, {}, _fwd_heads_launch)
     if q.dtype != torch.float32 and max(d, dv) <= 32 and pack == 1:
         # one tile per program, half precision, 32-wide heads (BiFormer's; other heads and
@@ -809,8 +814,10 @@ def _fwd_plan(q, k, v, idx, tiles, scale, need_lse):
         _prec(q.dtype), _upcast(q.dtype), scale > 0 and not TUNE["fwd_no_lean"],
     )  # fmt: skip
     grid = (_cdiv(t, pack) * n_mblk, b * heads)
-    warps = TUNE["fwd_big_warps"] if block_m > 64 else _warps(block_m)
-    return (out_shape, lse_shape, grid, scalars, (warps, 2), {}, _fwd_launch)
+    warps = (_warps(block_m), 2)
+    if block_m > 64:
+        warps = (TUNE["fwd_big_warps"], TUNE["fwd_big_stages"])
+    return (out_shape, lse_shape, grid, scalars, warps, {}, _fwd_launch)
 
 
 def routed_fwd(
@@ -892,7 +899,7 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     pack, block_m, block_nt, n_mblk = _q_blocks(
         lq, topk * lk, d, dv_dim, TUNE["dq_rows"], TUNE["dq_cols"]
     )
-    dq_warps = _warps(block_m)
+    dq_warps = (_warps(block_m), 2)
     # large tiles, half precision, 32-wide heads: their own block shapes (as the forward's)
     big = q.dtype != torch.float32 and max(d, dv_dim) <= 32
     if big and pack == 1 and lq > 64:
@@ -900,7 +907,7 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
             lq, topk * lk, d, dv_dim, TUNE["dq_rows"], TUNE["dq_cols"],
             (TUNE["dq_big_rows"], TUNE["dq_big_cols"]),
         )  # fmt: skip
-        dq_warps = TUNE["dq_big_warps"]
+        dq_warps = (TUNE["dq_big_warps"], TUNE["bwd_big_stages"])
     dq_scalars = (
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         sib, sih, sit, sik, *_contig_strides(q.shape),
@@ -910,12 +917,12 @@ def _bwd_plan(q, k, v, idx, tiles, scale, out, dout, lse, dlse):
     dq = ((_cdiv(t, pack) * n_mblk, b * heads), dq_scalars, dq_warps, {})
     # rows per kv tile: on average every kv tile is listed T*topk/n_kv times
     kpack, block_mt, block_n, n_nblk = _kv_blocks(lk, (t * topk * lq) // n_kv + 1, d, dv_dim)
-    dkv_warps = _warps(block_n)
+    dkv_warps = (_warps(block_n), 2)
     if big and kpack == 1 and lk > 64:
         block_n = min(TUNE["dkv_big_keys"], _next_pow2(lk))
         block_mt = min(TUNE["dkv_big_rows"], _next_pow2((t * topk * lq) // n_kv + 1))
         n_nblk = _cdiv(lk, block_n)
-        dkv_warps = TUNE["dkv_big_warps"]
+        dkv_warps = (TUNE["dkv_big_warps"], TUNE["bwd_big_stages"])
     block_e = _next_pow2(t * topk, 1)
     build = block_e * kpack <= TUNE["index_in_kernel"]
     dkv_scalars = (
@@ -968,7 +975,7 @@ def routed_bwd(
         grid,
         (q, k, v, indices, out, dout, lse, dlse_t, dq, delta),
         scalars,
-        **_warps_kw(warps),
+        **_warps_kw(*warps),
         runs=runs,
     )
     if build:  # per (batch, head) buckets, filled and read inside the dK/dV launch
@@ -977,5 +984,5 @@ def routed_bwd(
         offsets, ref_tile = _inverted_index(_as4d(indices), n_kv)
     grid, scalars, warps, runs = dkv_launch
     tensors = (q, k, v, indices, dout, lse, delta, dk, dv, offsets, ref_tile)
-    _dkv_launch(grid, tensors, scalars, **_warps_kw(warps), runs=runs)
+    _dkv_launch(grid, tensors, scalars, **_warps_kw(*warps), runs=runs)
     return dq, dk, dv
