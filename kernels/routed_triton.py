@@ -11,7 +11,8 @@ block of ``BLOCK_N`` keys may span several small tiles (BiFormer's later stages 
 4x4 tiles; a block per tile would leave most of the tensor cores idle).  Each key's address
 comes from its slot's tile index; nothing is gathered into memory.  Online softmax in base 2.
 For small tiles (half precision) a program takes two heads at once (3-D tensors, batched
-``tl.dot``), which doubles the loads each program has in flight.
+``tl.dot``), which doubles the loads each program has in flight; large tiles (detection-size
+maps) take 128 x 128 steps, and steps holding only routed keys skip the score mask.
 
 Backward: a ``dq`` kernel (the forward's key walk again; it also stores
 ``delta = rowsum(dO * O) - dlse``) and a ``dK/dV`` kernel whose programs each own kv tiles
@@ -639,7 +640,9 @@ def _geometry(q, k, tiles):
 # tiles (dq: query rows x keys per step; dK/dV: keys per program x query rows per step).
 # H200, CUDA-graph us of the backward, 64 x 64 -> dq 64 x 128 and dK/dV 64 x 128: detection
 # rows topk 4 / 8 / 16 946 -> 637, 1745 -> 1144, 3231 -> 1959 (256 query rows, 8 warps or
-# 32-key programs lost).
+# 32-key programs lost). fwd_big_stages / bwd_big_stages: num_stages of those large-tile
+# launches (1 and 3 measured equal or slower); fwd_maxnreg: a register cap for the packed-heads
+# forward, 0 = none (96 was within noise on s2/s3, 80 and 64 slower).
 TUNE: dict[str, int] = dict(
     fwd_rows=16,
     fwd_heads=4,
@@ -683,7 +686,8 @@ def _q_blocks(
 ) -> tuple[int, int, int, int]:
     """``(pack, block_m, block_nt, n_mblk)`` for the forward and dq kernels: ``pack`` whole query
     tiles per program when tiles are small (each with its own ``block_nt`` keys per step, a
-    block-diagonal score block), else one ``block_m`` slice of one tile."""
+    block-diagonal score block), else one ``block_m`` slice of one tile, with at most ``big``
+    = (rows, keys) per step."""
     cols = cols if max(d, dv) <= 64 else cols // 2
     pack = max(1, _pow2_floor(rows // lq)) if 2 * lq <= rows else 1
     if pack > 1:
