@@ -11,8 +11,9 @@ block of ``BLOCK_N`` keys may span several small tiles (BiFormer's later stages 
 4x4 tiles; a block per tile would leave most of the tensor cores idle).  Each key's address
 comes from its slot's tile index; nothing is gathered into memory.  Online softmax in base 2.
 For small tiles (half precision) a program takes two heads at once (3-D tensors, batched
-``tl.dot``), which doubles the loads each program has in flight; large tiles (detection-size
-maps) take 128 x 128 steps, and steps holding only routed keys skip the score mask.
+``tl.dot``), which doubles the loads each program has in flight; large tiles of 32-wide
+half-precision heads (BiFormer at detection size) take 128 x 128 steps, and steps holding
+only routed keys skip the score mask.
 
 Backward: a ``dq`` kernel (the forward's key walk again; it also stores
 ``delta = rowsum(dO * O) - dlse``) and a ``dK/dV`` kernel whose programs each own kv tiles
