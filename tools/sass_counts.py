@@ -1,14 +1,16 @@
-"""SASS instruction counts of the neighbourhood-attention launches, without a GPU.
+"""SASS instruction counts of the neighbourhood- and routed-attention launches, without a GPU.
 
-Captures the forward, dq and dk/dv launches that ``visionattn.kernels.na_triton`` would make
-for one problem (the launchers are swapped for recorders), compiles each kernel for a CUDA
+Captures the forward, dq and dk/dv launches that ``visionattn.kernels.na_triton`` (or, with
+``--op routed``, ``routed_triton``) would make for one problem (the launchers are swapped for
+recorders), compiles each kernel for a CUDA
 target with Triton's bundled ``ptxas`` and disassembles it with its ``nvdisasm``. Prints,
 per kernel, the instructions of each loop (innermost first), registers and stack (spill)
 bytes. Counts come from the local Triton, which may differ from the GPU image's; they guide
-a change, the GPU measures it (kernels/NOTES.md, session 11).
+a change, the GPU measures it (kernels/NOTES.md, session 11; kernels/NOTES_routed.md).
 
     python tools/sass_counts.py --shape 64,56,56 --heads 2 --head-dim 32 --kernel 7
     python tools/sass_counts.py ... --rpb --tune '{"maxnreg": 128}'
+    python tools/sass_counts.py --op routed --shape 64,28,28 --heads 4 --n-win 7 --topk 4
 """
 
 from __future__ import annotations
@@ -26,33 +28,38 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from visionattn.kernels import na_triton
+from visionattn.kernels import na_triton, routed_triton
 from visionattn.kernels._common import NAParams
+from visionattn.kernels._launch import DirectLauncher
 
 _DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _DTYPES.update({torch.int32: "*i32", torch.int64: "*i64"})
 
 
-def capture(call: Callable[[], object]) -> list[dict]:
-    """The launches ``call`` makes through the NA launchers, in order, without running them."""
+def capture(call: Callable[[], object], module=na_triton) -> list[dict]:
+    """The launches ``call`` makes through ``module``'s launchers (every
+    :class:`~visionattn.kernels._launch.DirectLauncher` attribute: the NA or the routed
+    kernels), in order, without running them; ``launcher`` names the attribute."""
     records: list[dict] = []
+    names = [n for n, obj in vars(module).items() if isinstance(obj, DirectLauncher)]
 
-    def recorder(kernel):
+    def recorder(name, kernel):
         def record(grid, tensors, scalars, consts=None, opts=None, meta_key=(), runs=None):
             records.append(
-                dict(kernel=kernel, tensors=tensors, scalars=scalars, consts=dict(consts or {}),
-                     opts=dict(opts or {}))
+                dict(launcher=name, kernel=kernel, tensors=tensors, scalars=scalars,
+                     consts=dict(consts or {}), opts=dict(opts or {}))
             )  # fmt: skip
 
         return record
 
-    saved = na_triton._fwd_launch, na_triton._kv_launch
-    na_triton._fwd_launch = recorder(na_triton._na_fwd_kernel)
-    na_triton._kv_launch = recorder(na_triton._na_bwd_kv_kernel)
+    saved = {n: getattr(module, n) for n in names}
+    for n in names:
+        setattr(module, n, recorder(n, saved[n].fn))
     try:
         call()
     finally:
-        na_triton._fwd_launch, na_triton._kv_launch = saved
+        for n in names:
+            setattr(module, n, saved[n])
     return records
 
 
@@ -154,8 +161,49 @@ def report(rec: dict, label: str, arch: int = 90) -> dict:
     )
 
 
+def routed_reports(
+    b: int,
+    h: int,
+    w: int,
+    n_win: int,
+    topk: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    tune: dict,
+    arch: int = 90,
+) -> list[dict]:
+    """Reports of the routed forward, dq and dK/dV launches for one BiFormer-like problem
+    (``n_win`` tiles per axis, ``topk`` routed tiles per query tile, indices shared by the
+    heads, BiFormer's scale)."""
+    q, k, v = torch.zeros(b, h, w, 3, heads, head_dim, dtype=dtype).unbind(3)
+    n_tiles = n_win * n_win
+    idx = (torch.arange(n_tiles * topk) % n_tiles).reshape(1, n_tiles, topk).expand(b, -1, -1)
+    tiles = (h // n_win, w // n_win, h // n_win, w // n_win)
+    scale = (heads * head_dim) ** -0.5
+    saved = dict(routed_triton.TUNE)
+    routed_triton.TUNE.update(tune)
+    try:
+        out = torch.zeros_like(q)
+        lse = torch.zeros(q.shape[:-1])
+        fwd = capture(lambda: routed_triton.routed_fwd(q, k, v, idx, tiles, scale), routed_triton)
+        bwd = capture(
+            lambda: routed_triton.routed_bwd(out, q, k, v, idx, out, lse, None, tiles, scale),
+            routed_triton,
+        )
+        kernels = [r for r in bwd if r["launcher"] in ("_dq_launch", "_dkv_launch")]
+        return [report(rec, label, arch) for rec, label in zip([fwd[0], *kernels],
+                                                                ("forward", "dq", "dk/dv"))]  # fmt: skip
+    finally:
+        routed_triton.TUNE.clear()
+        routed_triton.TUNE.update(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--op", choices=["na", "routed"], default="na")
+    ap.add_argument("--n-win", type=int, default=7, help="routed: tiles per axis")
+    ap.add_argument("--topk", type=int, default=4, help="routed: routed tiles per query tile")
     ap.add_argument("--shape", default="2,56,56", help="batch,H,W (the map is 2-D)")
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=32)
@@ -166,10 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rpb", action="store_true", help="with a relative position bias table")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90")
-    ap.add_argument("--tune", default="{}", help="JSON dict merged into na_triton._TUNE")
+    ap.add_argument(
+        "--tune", default="{}", help="JSON dict merged into na_triton._TUNE (routed: its TUNE)"
+    )
     args = ap.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     b, h, w = (int(x) for x in args.shape.split(","))
+    if args.op == "routed":
+        for rep in routed_reports(b, h, w, args.n_win, args.topk, args.heads, args.head_dim,
+                                  dtype, json.loads(args.tune), args.arch):  # fmt: skip
+            print(json.dumps(rep))
+        return 0
     qkv = torch.zeros(b, h, w, 3, args.heads, args.head_dim, dtype=dtype)
     q, k, v = qkv.unbind(3)
     ks, st, dl = args.kernel, args.stride, args.dilation

@@ -8,6 +8,7 @@ of run and compiled the way the JIT would specialise it (``tools/sass_counts.py`
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -37,47 +38,32 @@ def _sass_counts():
     return mod
 
 
-def _record_launches() -> list[tuple[str, dict]]:
+def _record_launches(tool) -> list[dict]:
     from visionattn.kernels import routed_triton as rt
 
-    names = ("_fwd_launch", "_fwd_heads_launch", "_dq_launch", "_dkv_launch", "_index_launch")
-    records: list[tuple[str, dict]] = []
-
-    def recorder(name, kernel):
-        def record(grid, tensors, scalars, consts=None, opts=None, meta_key=(), runs=None):
-            rec = dict(kernel=kernel, tensors=tensors, scalars=scalars,
-                       consts=dict(consts or {}), opts=dict(opts or {}))  # fmt: skip
-            records.append((name, rec))
-
-        return record
-
-    saved = {n: getattr(rt, n) for n in names}
-    for n in names:
-        setattr(rt, n, recorder(n, saved[n].fn))
-    try:
-        for qhw, khw, tiles, topk, heads, dtype in _PROBLEMS:
-            q = torch.zeros(1, *qhw, heads, 32, dtype=dtype)
-            k = torch.zeros(1, *khw, heads, 32, dtype=dtype)
-            v = torch.zeros(1, *khw, heads, 32, dtype=dtype)
-            n_q = (qhw[0] // tiles[0]) * (qhw[1] // tiles[1])
-            n_kv = (khw[0] // tiles[2]) * (khw[1] // tiles[3])
-            idx = torch.arange(n_q * topk).reshape(1, n_q, topk) % n_kv
-            scale = 0.25
-            out, lse = rt.routed_fwd(q, k, v, idx, tiles, scale)
-            lse = torch.zeros(q.shape[:-1])
-            rt.routed_bwd(out, q, k, v, idx, out, lse, None, tiles, scale)
-    finally:
-        for n in names:
-            setattr(rt, n, saved[n])
+    records: list[dict] = []
+    for qhw, khw, tiles, topk, heads, dtype in _PROBLEMS:
+        q = torch.zeros(1, *qhw, heads, 32, dtype=dtype)
+        k = torch.zeros(1, *khw, heads, 32, dtype=dtype)
+        v = torch.zeros(1, *khw, heads, 32, dtype=dtype)
+        n_q = (qhw[0] // tiles[0]) * (qhw[1] // tiles[1])
+        n_kv = (khw[0] // tiles[2]) * (khw[1] // tiles[3])
+        idx = torch.arange(n_q * topk).reshape(1, n_q, topk) % n_kv
+        scale = 0.25
+        out = torch.zeros(1, *qhw, heads, 32, dtype=dtype)
+        lse = torch.zeros(q.shape[:-1])
+        fwd = functools.partial(rt.routed_fwd, q, k, v, idx, tiles, scale)
+        bwd = functools.partial(rt.routed_bwd, out, q, k, v, idx, out, lse, None, tiles, scale)
+        records += tool.capture(fwd, rt) + tool.capture(bwd, rt)
     return records
 
 
 def main() -> int:
     tool = _sass_counts()
     seen = set()
-    for name, rec in _record_launches():
+    for rec in _record_launches(tool):
         tool.compile_launch(rec)  # raises on a compile error
-        seen.add(name)
+        seen.add(rec["launcher"])
     print("compiled", " ".join(sorted(seen)))
     return 0
 

@@ -49,3 +49,21 @@ def test_window_problem_is_refused():
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert res.returncode == 1 and "whole-window kernel" in res.stdout
+
+
+def test_counts_routed_kernels():
+    if not (_bundled("nvdisasm") and _bundled("cuobjdump") and _bundled("ptxas")):
+        pytest.skip("this Triton wheel bundles no CUDA binutils")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(
+        [sys.executable, str(_TOOL), "--op", "routed", "--shape", "1,8,8", "--n-win", "2",
+         "--topk", "2", "--heads", "2"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [r["kernel"] for r in rows] == ["forward", "dq", "dk/dv"]
+    for r in rows:
+        assert len(r["loops"]) >= 1 and 0 < r["registers"] <= 255
+        assert r["innermost_ops"].get("HMMA", 0) > 0  # tensor-core dots in the key/query walk
