@@ -196,30 +196,26 @@ def _routed_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # One tile per program (PACK == 1): every step but a short last one holds routed keys
+    # only, so their scores need no mask (detection-size tiles walk 4-32 such steps); the short
+    # step is peeled off as a branch, not a second loop: a second pipelined loop costs shared
+    # memory, and so resident programs (BiFormer-T s1 forward 57 -> 69 us, H200). Packed
+    # tiles mask every step (block-diagonal scores).
+    n_loop = n_keys
     if PACK == 1:
-        # one tile per program: every step but a short last one holds routed keys only, so
-        # their scores need no mask (detection-size tiles walk 4-32 such steps). The short
-        # step is peeled off as a branch, not a second loop: a second pipelined loop costs
-        # shared memory, and so resident programs (BiFormer-T s1 forward 57 -> 69 us, H200)
-        n_full = (n_keys // BLOCK_NT) * BLOCK_NT
-        for n0 in range(0, n_full, BLOCK_NT):
+        n_loop = (n_keys // BLOCK_NT) * BLOCK_NT
+    for n0 in range(0, n_loop, BLOCK_NT):
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH, KTW,
+            n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv, d_ok, dv_ok,
+            qk_scale, PACK, BLOCK_NT, PREC, UPCAST, PACK > 1, FOLD,
+        )  # fmt: skip
+    if PACK == 1:
+        if n_loop < n_keys:
             m_i, l_i, acc = _fwd_step(
-                q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH,
-                KTW, n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv,
-                d_ok, dv_ok, qk_scale, PACK, BLOCK_NT, PREC, UPCAST, False, FOLD,
-            )  # fmt: skip
-        if n_full < n_keys:
-            m_i, l_i, acc = _fwd_step(
-                q, m_i, l_i, acc, n_full, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW,
+                q, m_i, l_i, acc, n_loop, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW,
                 KTH, KTW, n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d,
                 offs_dv, d_ok, dv_ok, qk_scale, PACK, BLOCK_NT, PREC, UPCAST, True, FOLD,
-            )  # fmt: skip
-    else:
-        for n0 in range(0, n_keys, BLOCK_NT):
-            m_i, l_i, acc = _fwd_step(
-                q, m_i, l_i, acc, n0, g, tile0, idx_base, sit, sik, T, N_KV_TILES, KNW, KTH,
-                KTW, n_keys, k_base, skh, skw, skd, v_base, svh, svw, svd, offs_d, offs_dv,
-                d_ok, dv_ok, qk_scale, PACK, BLOCK_NT, PREC, UPCAST, True, FOLD,
             )  # fmt: skip
 
     acc = acc / l_i[:, None]
