@@ -1,4 +1,5 @@
-"""tools/sass_counts.py: compiles the NA launches of a small problem for sm_90 on the CPU."""
+"""tools/sass_counts.py: compiles the NA and routed launches of small problems for sm_90 on the
+CPU."""
 
 from __future__ import annotations
 
@@ -19,18 +20,28 @@ def _bundled(name: str) -> bool:
                                        "bin", name))  # fmt: skip
 
 
-def test_counts_three_kernels():
-    if not (_bundled("nvdisasm") and _bundled("cuobjdump") and _bundled("ptxas")):
-        pytest.skip("this Triton wheel bundles no CUDA binutils")
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The tool on compiled (not interpreted) kernels."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run(
-        [sys.executable, str(_TOOL), "--shape", "1,16,16", "--kernel", "5"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(_TOOL), *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def _rows(*args: str) -> list[dict]:
+    """The tool's JSON rows (forward, dq, dk/dv); skips without Triton's CUDA binutils."""
+    if not (_bundled("nvdisasm") and _bundled("cuobjdump") and _bundled("ptxas")):
+        pytest.skip("this Triton wheel bundles no CUDA binutils")
+    res = _run(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert [r["kernel"] for r in rows] == ["forward", "dq", "dk/dv"]
+    return rows
+
+
+def test_counts_three_kernels():
+    rows = _rows("--shape", "1,16,16", "--kernel", "5")
     for r in rows:
         # the forward/dq walk key blocks in nested loops, the dk/dv pass query blocks
         assert len(r["loops"]) >= 2 and r["loops"] == sorted(r["loops"])
@@ -42,28 +53,12 @@ def test_counts_three_kernels():
 
 def test_window_problem_is_refused():
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run(
-        [sys.executable, str(_TOOL), "--shape", "1,14,14", "--kernel", "7", "--stride", "7"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    res = _run("--shape", "1,14,14", "--kernel", "7", "--stride", "7")
     assert res.returncode == 1 and "whole-window kernel" in res.stdout
 
 
 def test_counts_routed_kernels():
-    if not (_bundled("nvdisasm") and _bundled("cuobjdump") and _bundled("ptxas")):
-        pytest.skip("this Triton wheel bundles no CUDA binutils")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run(
-        [sys.executable, str(_TOOL), "--op", "routed", "--shape", "1,8,8", "--n-win", "2",
-         "--topk", "2", "--heads", "2"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert [r["kernel"] for r in rows] == ["forward", "dq", "dk/dv"]
+    rows = _rows("--op", "routed", "--shape", "1,8,8", "--n-win", "2", "--topk", "2")
     for r in rows:
         assert len(r["loops"]) >= 1 and 0 < r["registers"] <= 255
         assert r["innermost_ops"].get("HMMA", 0) > 0  # tensor-core dots in the key/query walk
