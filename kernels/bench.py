@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         routed_bench = None
     if routed_bench is not None and not only:
-        rows.extend(routed_bench.rows(args.quick))
+        rows.extend(routed_bench.rows(args.quick, bw=bw, rate=rate))
     _fill_speedups(rows)
     print(
         f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "

@@ -192,11 +192,20 @@ def problem_rows(prob, bw: float, rate: float) -> list[dict]:
     return rows
 
 
-def rows(quick: bool, verbose: bool = False, on_problem=None) -> list[dict]:
-    """Benchmark rows (keys of :mod:`.bench`) for every routed problem (``quick``: a subset)."""
+def rows(
+    quick: bool,
+    verbose: bool = False,
+    on_problem=None,
+    bw: float | None = None,
+    rate: float | None = None,
+) -> list[dict]:
+    """Benchmark rows (keys of :mod:`.bench`) for every routed problem (``quick``: a subset).
+    ``bw`` / ``rate``: the copy bandwidth and matmul rate the caller measured for its table
+    (measured here when not given)."""
     from .bench import copy_bandwidth, matrix_rate
 
-    bw, rate = copy_bandwidth(), matrix_rate()
+    bw = copy_bandwidth() if bw is None else bw
+    rate = matrix_rate() if rate is None else rate
     out: list[dict] = []
     for prob in PROBLEMS:
         if quick and prob[0] not in QUICK:
@@ -235,12 +244,13 @@ def main() -> int:
 
     from .bench import copy_bandwidth, matrix_rate
 
+    bw, rate = copy_bandwidth(), matrix_rate()
     meta = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
-        copy_bandwidth_tbs=copy_bandwidth() / 1e12,
-        matrix_tflops=matrix_rate() / 1e12,
+        copy_bandwidth_tbs=bw / 1e12,
+        matrix_tflops=rate / 1e12,
         dtype="bfloat16",
         commit=commit[0] if commit else None,
         timing="triton do_bench median (host time included); ms_cudagraph: do_bench_cudagraph",
@@ -253,7 +263,7 @@ def main() -> int:
             with open(path, "w") as fh:
                 json.dump(dict(meta=meta, rows=rs), fh, indent=1)
 
-    rs = rows("--quick" in sys.argv, verbose=True, on_problem=save)
+    rs = rows("--quick" in sys.argv, verbose=True, on_problem=save, bw=bw, rate=rate)
     save(rs)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(format_table(rs))
